@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP front end over vLLM's async engine (see issue: server)."""

@@ -1,0 +1,44 @@
+"""The regime rule (DESIGN.md rules 2 and 5) on a three-step ladder."""
+
+import pytest
+
+from rope_ext.factors import parse_ladder
+from rope_ext.selection import ContextLengthExceeded, Policy, UnknownSet, choose_set
+from tests.rope_ext.test_factors import GOOD  # windows 256, 512, 1024
+
+LADDER = parse_ladder(GOOD)
+
+
+@pytest.mark.parametrize(
+    "prompt,max_tokens,expected",
+    [(10, 10, 0), (200, 56, 0), (200, 57, 1), (255, 1, 0), (256, 1, 1), (500, 524, 2)],
+)
+def test_budget_takes_smallest_set_holding_prompt_and_max_tokens(prompt, max_tokens, expected):
+    assert choose_set(LADDER, prompt, max_tokens, Policy.BUDGET) == expected
+
+
+@pytest.mark.parametrize("prompt,max_tokens,expected", [(200, 500, 0), (255, 700, 0), (256, 10, 1), (600, 100, 2)])
+def test_dynamic_starts_in_smallest_set_holding_prompt_plus_one(prompt, max_tokens, expected):
+    assert choose_set(LADDER, prompt, max_tokens, Policy.DYNAMIC) == expected
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+def test_request_no_set_can_hold_is_refused(policy):
+    with pytest.raises(ContextLengthExceeded) as info:
+        choose_set(LADDER, 1000, 25, policy)
+    assert info.value.limit == 1024
+    assert "1025 tokens" in str(info.value) and "1000 in the prompt" in str(info.value)
+
+
+def test_pinned_set_is_used_when_it_holds_the_request():
+    assert choose_set(LADDER, 10, 10, Policy.DYNAMIC, pinned="long") == 2
+
+
+def test_pinned_set_too_small_is_refused():
+    with pytest.raises(ContextLengthExceeded, match="factor set 'short' holds at most 256"):
+        choose_set(LADDER, 250, 10, pinned="short")
+
+
+def test_unknown_pinned_set():
+    with pytest.raises(UnknownSet, match="no factor set named 'huge'"):
+        choose_set(LADDER, 1, 1, pinned="huge")

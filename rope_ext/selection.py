@@ -30,11 +30,8 @@ class ContextLengthExceeded(ValueError):
         )
 
 
-class UnknownSet(KeyError):
+class UnknownSet(ValueError):
     """A pinned set name that the ladder does not have."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def choose_set(

@@ -1,0 +1,80 @@
+"""Entry point of the ``vllm.general_plugins`` group; vLLM calls it in every process.
+
+Idempotent (vLLM may call it more than once per process). ``LONGROPE_PLUGIN=0`` switches the
+plugin off so stock vLLM behaviour returns (benchmarks compare both).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rope_ext.factors import Ladder
+
+SUPPORTED_VLLM = "0.32.0"
+SWITCH_ENV = "LONGROPE_PLUGIN"
+
+
+class UnsupportedVllm(RuntimeError):
+    pass
+
+
+def plugin_enabled() -> bool:
+    return os.environ.get(SWITCH_ENV, "1").lower() not in ("0", "false", "off", "no")
+
+
+def check_vllm_version(version: str) -> None:
+    base = version.split("+")[0]
+    if base != SUPPORTED_VLLM:
+        raise UnsupportedVllm(
+            f"longrope-serve's vLLM plugin is built for vLLM {SUPPORTED_VLLM}, but vLLM {version} is installed; "
+            f"install longrope-serve[cpu] or [gpu], or set {SWITCH_ENV}=0 to run stock vLLM"
+        )
+
+
+def _ladder_of(processor: Any) -> Ladder | None:
+    """The processor's ladder, read once per processor."""
+    from rope_ext.vllm_plugin.model_ladder import ladder_for_model
+
+    if not hasattr(processor, "_longrope_ladder"):
+        processor._longrope_ladder = ladder_for_model(processor.model_config.hf_config)
+    return processor._longrope_ladder
+
+
+def _runner_with_sets(base: type) -> type:
+    from rope_ext.vllm_plugin.runner import PerRequestSetsMixin
+
+    if issubclass(base, PerRequestSetsMixin):
+        return base
+    return type(f"LongRope{base.__name__}", (PerRequestSetsMixin, base), {})
+
+
+def register() -> None:
+    if not plugin_enabled():
+        return
+    import vllm
+
+    check_vllm_version(vllm.__version__)
+    # The mixin hooks vLLM's V1 model runner; V2 has other internals.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if os.environ.get("LONGROPE_FACTORS"):
+        # A plain model's config stops at W0; the factor file's sets carry it to max_model_len.
+        os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from rope_ext.vllm_plugin.request_sets import with_sets
+
+    if not getattr(InputProcessor.process_inputs, "__longrope__", False):
+        InputProcessor.process_inputs = with_sets(InputProcessor.process_inputs, _ladder_of)
+
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        import vllm.v1.worker.cpu_worker as worker_module
+
+        worker_module.CPUModelRunner = _runner_with_sets(worker_module.CPUModelRunner)
+    else:
+        import vllm.v1.worker.gpu_model_runner as runner_module
+
+        runner_module.GPUModelRunner = _runner_with_sets(runner_module.GPUModelRunner)

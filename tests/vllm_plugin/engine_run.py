@@ -1,0 +1,53 @@
+"""Runs one vLLM engine over a batch of requests and writes what came out, as JSON.
+
+Each engine runs in its own process (``python -m tests.vllm_plugin.engine_run SPEC OUT``):
+the plugin switch and factor file are environment variables read when vLLM starts, and a
+fresh process frees the engine's memory when it ends.
+
+SPEC: {"model": dir, "engine": {LLM kwargs}, "requests": [{"prompt_token_ids", "max_tokens", "rope_set"?}],
+       "waves": optional list of lists of request indices sent one after another}
+"""
+
+import json
+import sys
+
+
+def run(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=spec["model"], **spec["engine"])
+
+    def params(req: dict) -> SamplingParams:
+        extra = {"rope_set": req["rope_set"]} if req.get("rope_set") else None
+        return SamplingParams(
+            temperature=0.0, max_tokens=req["max_tokens"], prompt_logprobs=0, logprobs=0, extra_args=extra
+        )
+
+    requests = spec["requests"]
+    waves = spec.get("waves") or [list(range(len(requests)))]
+    results: list[dict | None] = [None] * len(requests)
+    for wave in waves:
+        outputs = llm.generate(
+            [{"prompt_token_ids": requests[i]["prompt_token_ids"]} for i in wave],
+            [params(requests[i]) for i in wave],
+            use_tqdm=False,
+        )
+        for i, out in zip(wave, outputs):
+            tokens = list(out.prompt_token_ids)
+            completion = out.outputs[0]
+            results[i] = {
+                "tokens": list(completion.token_ids),
+                "token_logprobs": [lp[t].logprob for lp, t in zip(completion.logprobs, completion.token_ids)],
+                "prompt_logprobs": [lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], tokens[1:])],
+                "num_cached_tokens": out.num_cached_tokens,
+            }
+    metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if hasattr(m, "value")}
+    return {"results": results, "metrics": metrics}
+
+
+if __name__ == "__main__":
+    spec_path, out_path = sys.argv[1:3]
+    with open(spec_path) as f:
+        spec = json.load(f)
+    with open(out_path, "w") as f:
+        json.dump(run(spec), f)

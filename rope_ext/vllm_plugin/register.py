@@ -6,7 +6,10 @@ plugin off so stock vLLM behaviour returns (benchmarks compare both).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 from rope_ext.factors import Ladder
@@ -41,6 +44,25 @@ def _ladder_of(processor: Any) -> Ladder | None:
     return processor._longrope_ladder
 
 
+def _hash_with_ladder(compute_hash: Callable[..., str]) -> Callable[..., str]:
+    """Key vLLM's compile cache by the ladder too.
+
+    The ladder lives in a buffer of a module vLLM never traces by source, so without this a
+    graph compiled for one ladder (or for stock vLLM) could be loaded for another.
+    """
+    from rope_ext.vllm_plugin.model_ladder import ladder_for_model
+
+    @functools.wraps(compute_hash)
+    def compute_hash_with_ladder(self: Any, *args: Any, **kwargs: Any) -> str:
+        ladder = ladder_for_model(self.model_config.hf_config) if self.model_config is not None else None
+        digest = ladder.model_dump_json() if ladder is not None else "none"
+        mixed = f"{compute_hash(self, *args, **kwargs)}|longrope:{digest}"
+        return hashlib.sha256(mixed.encode()).hexdigest()[:10]
+
+    compute_hash_with_ladder.__longrope__ = True  # type: ignore[attr-defined]
+    return compute_hash_with_ladder
+
+
 def _runner_with_sets(base: type) -> type:
     from rope_ext.vllm_plugin.runner import PerRequestSetsMixin
 
@@ -61,12 +83,15 @@ def register() -> None:
         # A plain model's config stops at W0; the factor file's sets carry it to max_model_len.
         os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 
+    from vllm.config import VllmConfig
     from vllm.v1.engine.input_processor import InputProcessor
 
     from rope_ext.vllm_plugin.request_sets import with_sets
 
     if not getattr(InputProcessor.process_inputs, "__longrope__", False):
         InputProcessor.process_inputs = with_sets(InputProcessor.process_inputs, _ladder_of)
+    if not getattr(VllmConfig.compute_hash, "__longrope__", False):
+        VllmConfig.compute_hash = _hash_with_ladder(VllmConfig.compute_hash)
 
     from vllm.platforms import current_platform
 

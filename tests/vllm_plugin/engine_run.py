@@ -4,7 +4,8 @@ Each engine runs in its own process (``python -m tests.vllm_plugin.engine_run SP
 the plugin switch and factor file are environment variables read when vLLM starts, and a
 fresh process frees the engine's memory when it ends.
 
-SPEC: {"model": dir, "engine": {LLM kwargs}, "requests": [{"prompt_token_ids", "max_tokens", "rope_set"?}],
+SPEC: {"model": dir, "engine": {LLM kwargs},
+       "requests": [{"prompt_token_ids", "max_tokens", "rope_set"?, "prompt_logprobs"? (default true)}],
        "waves": optional list of lists of request indices sent one after another}
 """
 
@@ -19,8 +20,10 @@ def run(spec: dict) -> dict:
 
     def params(req: dict) -> SamplingParams:
         extra = {"rope_set": req["rope_set"]} if req.get("rope_set") else None
+        # prompt logprobs make vLLM skip the prefix cache, so the prefix-cache test turns them off
+        prompt_logprobs = 0 if req.get("prompt_logprobs", True) else None
         return SamplingParams(
-            temperature=0.0, max_tokens=req["max_tokens"], prompt_logprobs=0, logprobs=0, extra_args=extra
+            temperature=0.0, max_tokens=req["max_tokens"], prompt_logprobs=prompt_logprobs, logprobs=0, extra_args=extra
         )
 
     requests = spec["requests"]
@@ -38,7 +41,7 @@ def run(spec: dict) -> dict:
             results[i] = {
                 "tokens": list(completion.token_ids),
                 "token_logprobs": [lp[t].logprob for lp, t in zip(completion.logprobs, completion.token_ids)],
-                "prompt_logprobs": [lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], tokens[1:])],
+                "prompt_logprobs": [lp[t].logprob for lp, t in zip((out.prompt_logprobs or [])[1:], tokens[1:])],
                 "num_cached_tokens": out.num_cached_tokens,
             }
     metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if hasattr(m, "value")}

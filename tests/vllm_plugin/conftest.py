@@ -88,3 +88,26 @@ def run_engine(spec: dict, env: dict[str, str], tmp_path: Path, name: str) -> di
     if result.returncode != 0:
         raise AssertionError(f"engine run {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return json.loads(out_path.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_model):
+    from tests.vllm_plugin.reference import ReferenceModel
+
+    model_dir, _, ladder = tiny_model
+    return ReferenceModel(model_dir, ladder, TINY_MAX_LEN)
+
+
+@pytest.fixture(scope="session")
+def plugin_engine(tiny_model, tmp_path_factory) -> dict:
+    """Every wave of tests/vllm_plugin/workload.py through one compiled float32 engine with the plugin.
+
+    Returns {"results": per request, "metrics": engine counters, "groups": name -> request indices,
+    "requests": the requests}.
+    """
+    from tests.vllm_plugin.workload import ENGINE, engine_spec
+
+    model_dir, factors, _ = tiny_model
+    spec, groups = engine_spec(str(model_dir), ENGINE)
+    out = run_engine(spec, {"LONGROPE_FACTORS": str(factors)}, tmp_path_factory.mktemp("plugin"), "plugin")
+    return {**out, "groups": groups, "requests": spec["requests"]}

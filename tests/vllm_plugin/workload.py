@@ -1,0 +1,87 @@
+"""The requests the tiny-model engine runs, in waves, and the engine settings they share."""
+
+from __future__ import annotations
+
+import random
+
+# Float32 vLLM CPU kernels against float32 transformers, one tolerance for every set.
+# Measured here: largest difference 5e-5 nats (a 600-token prompt in the long set).
+LOGPROB_TOLERANCE = 2e-4
+
+ENGINE = {
+    "dtype": "float32",
+    "max_model_len": 1024,
+    "max_num_batched_tokens": 128,  # chunked prefill: every prompt over 128 tokens is split
+    "max_num_seqs": 8,
+    "block_size": 32,
+    # 33 blocks of 32 tokens (one is vLLM's null block) hold one max_model_len request; the
+    # preempting wave's decodes outgrow them, so the scheduler preempts and recomputes.
+    "num_gpu_blocks_override": 33,
+    "enable_prefix_caching": True,
+    "disable_log_stats": False,
+    "seed": 0,
+}
+
+PREFIX_TOKENS = 400
+
+
+def _prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(100, 49000) for _ in range(n)]
+
+
+def prefix_waves() -> list[list[dict]]:
+    """One shared 400-token prefix: first under 'mid'; then under 'long' and again under 'mid'.
+
+    No prompt logprobs: vLLM skips the prefix cache for requests that ask for them.
+    """
+    rng = random.Random(2)
+    prefix = _prompt(rng, PREFIX_TOKENS)
+
+    def req(set_name: str) -> dict:
+        return {"prompt_token_ids": prefix + _prompt(rng, 10), "max_tokens": 8, "rope_set": set_name,
+                "prompt_logprobs": False}
+
+    return [[req("mid")], [req("long"), req("mid")]]
+
+
+def mixed_batch() -> list[dict]:
+    """Seven concurrent requests of all three sets; prompts over 128 tokens are chunked."""
+    rng = random.Random(0)
+    return [
+        {"prompt_token_ids": _prompt(rng, 40), "max_tokens": 24},  # short
+        {"prompt_token_ids": _prompt(rng, 200), "max_tokens": 24},  # short, chunked
+        {"prompt_token_ids": _prompt(rng, 300), "max_tokens": 24},  # mid, chunked
+        {"prompt_token_ids": _prompt(rng, 600), "max_tokens": 24},  # long, chunked
+        {"prompt_token_ids": _prompt(rng, 100), "max_tokens": 24, "rope_set": "long"},  # pinned
+        {"prompt_token_ids": _prompt(rng, 230), "max_tokens": 40},  # mid by budget: 230 + 40 > 256
+        {"prompt_token_ids": _prompt(rng, 120), "max_tokens": 24, "rope_set": "mid"},  # pinned
+    ]
+
+
+def preempting_batch() -> list[dict]:
+    """Four long decodes (350 tokens, 11 blocks each) of two sets that outgrow the cache together."""
+    rng = random.Random(1)
+    return [
+        {"prompt_token_ids": _prompt(rng, 150), "max_tokens": 200, "rope_set": name}
+        for name in ("mid", "long", "mid", "long")
+    ]
+
+
+def waves() -> dict[str, list[list[dict]]]:
+    """Named groups of waves, in the order the engine runs them."""
+    return {"prefix": prefix_waves(), "mixed": [mixed_batch()], "preempting": [preempting_batch()]}
+
+
+def engine_spec(model_dir: str, engine: dict) -> tuple[dict, dict[str, list[int]]]:
+    """The engine_run spec for every wave, and each group's request indices in it."""
+    requests: list[dict] = []
+    order: list[list[int]] = []
+    groups: dict[str, list[int]] = {}
+    for name, group in waves().items():
+        groups[name] = []
+        for wave in group:
+            indices = list(range(len(requests), len(requests) + len(wave)))
+            requests.extend(wave)
+            order.append(indices)
+            groups[name].extend(indices)
+    return {"model": model_dir, "engine": engine, "requests": requests, "waves": order}, groups

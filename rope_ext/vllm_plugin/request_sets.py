@@ -12,8 +12,10 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from vllm.exceptions import VLLMValidationError
+
 from rope_ext.factors import Ladder
-from rope_ext.selection import Policy, choose_set
+from rope_ext.selection import ContextLengthExceeded, Policy, UnknownSet, choose_set
 
 ROPE_SET_KEY = "rope_set"
 
@@ -31,7 +33,7 @@ def salt_for(set_name: str, client_salt: str | None) -> str:
 def with_sets(process_inputs: Callable[..., Any], ladder_of: Callable[[Any], Ladder | None]) -> Callable[..., Any]:
     """Wrap ``InputProcessor.process_inputs`` so each EngineCoreRequest it makes carries its set.
 
-    Raises ValueError (vLLM answers 400) for an unknown set name or a request no set can hold.
+    Raises vLLM's validation error (HTTP 400) for an unknown set name or a request no set can hold.
     """
 
     @functools.wraps(process_inputs)
@@ -42,7 +44,12 @@ def with_sets(process_inputs: Callable[..., Any], ladder_of: Callable[[Any], Lad
         if ladder is None or params is None:
             return request
         prompt_tokens = len(request.prompt_token_ids) if request.prompt_token_ids is not None else 0
-        index = set_for_request(ladder, prompt_tokens, params.max_tokens, params.extra_args)
+        try:
+            index = set_for_request(ladder, prompt_tokens, params.max_tokens, params.extra_args)
+        except UnknownSet as exc:
+            raise VLLMValidationError(str(exc), parameter=f"vllm_xargs.{ROPE_SET_KEY}") from None
+        except ContextLengthExceeded as exc:
+            raise VLLMValidationError(str(exc), parameter="max_tokens") from None
         name = ladder.sets[index].name
         params.extra_args = {**(params.extra_args or {}), ROPE_SET_KEY: name}
         request.cache_salt = salt_for(name, request.cache_salt)

@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longrope", description="LongRoPE factor sets and serving.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    sub.add_parser("serve", help="serve the OpenAI-compatible API (longrope serve --help)", add_help=False)
     prep = sub.add_parser("prepare-model", help="make the default model's transformers directory; print its path")
     prep.add_argument("--out", type=Path, help="target directory (default: $LONGROPE_MODEL_DIR or the user cache)")
     prep.set_defaults(func=cmd_prepare_model)
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # its unknown flags belong to vLLM, so it parses its own arguments
+        from server.main import serve
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

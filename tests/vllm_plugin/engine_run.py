@@ -44,7 +44,9 @@ def run(spec: dict) -> dict:
                 "prompt_logprobs": [lp[t].logprob for lp, t in zip((out.prompt_logprobs or [])[1:], tokens[1:])],
                 "num_cached_tokens": out.num_cached_tokens,
             }
-    metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if hasattr(m, "value")}
+    metrics = {}
+    if spec["engine"].get("disable_log_stats") is False:  # LLM keeps no stats by default
+        metrics = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
     return {"results": results, "metrics": metrics}
 
 

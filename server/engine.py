@@ -1,0 +1,86 @@
+"""The served model: vLLM's async engine with our plugin, its tokenizer and its ladder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from rope_ext.factors import Ladder, load_ladder
+from rope_ext.model_files import default_model_dir
+from rope_ext.vllm_plugin.model_ladder import FACTORS_ENV, ladder_for_model
+from server.settings import ServerSettings
+
+logger = logging.getLogger("longrope.server")
+
+SHIPPED_LADDERS = Path(__file__).resolve().parents[1] / "rope_ext" / "ladders"
+DEFAULT_LADDER = SHIPPED_LADDERS / "smollm2-135m-instruct.json"
+
+
+def resolve_factors(settings: ServerSettings) -> Path | None:
+    """--factors, else the shipped ladder when serving the default model, else None (the model's config)."""
+    if settings.factors:
+        return settings.factors
+    if settings.model.resolve() == default_model_dir().resolve():
+        return DEFAULT_LADDER
+    return None
+
+
+class ServedModel:
+    """Starts the engine off the event loop so /health can say 503 while it loads."""
+
+    def __init__(self, settings: ServerSettings, engine_argv: list[str]):
+        self.settings = settings
+        self.engine_argv = engine_argv
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.ladder: Ladder | None = None
+        self.max_model_len = 0
+        self.start_error: BaseException | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.engine.errored
+
+    def _build(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        factors = resolve_factors(self.settings)
+        if factors is not None:
+            load_ladder(factors)  # refuse a broken file here, naming the field, before vLLM starts
+            os.environ[FACTORS_ENV] = str(factors)  # the plugin reads it in every engine process
+        else:
+            os.environ.pop(FACTORS_ENV, None)
+        parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+        args = parser.parse_args(["--model", str(self.settings.model), *self.engine_argv])
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        engine_args.served_model_name = self.settings.model_name
+        engine_args.disable_log_stats = False
+        from transformers import AutoConfig
+
+        ladder = ladder_for_model(AutoConfig.from_pretrained(self.settings.model))
+        if ladder is None:
+            raise ValueError(f"{self.settings.model} has no longrope config; give a factor file with --factors")
+        if engine_args.max_model_len is None:
+            engine_args.max_model_len = ladder.max_window
+        self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model)
+        self.ladder = ladder
+        self.max_model_len = engine_args.max_model_len
+        self.engine = AsyncLLM.from_engine_args(engine_args)
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self._build)
+            logger.info("engine ready: %s, sets %s", self.settings.model_name, self.ladder.names)
+        except BaseException as exc:  # noqa: BLE001 - reported by /health and the log
+            self.start_error = exc
+            logger.exception("engine failed to start")
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()

@@ -1,0 +1,91 @@
+"""The plugin refuses, at engine start, what it was not built for, saying which."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rope_ext.factors import load_ladder, save_ladder
+from rope_ext.vllm_plugin.model_ladder import LadderMismatch, check_fits, ladder_for_model
+from rope_ext.vllm_plugin.register import UnsupportedVllm, check_vllm_version, plugin_enabled
+from rope_ext.vllm_plugin.request_sets import salt_for, set_for_request
+from tests.vllm_plugin.conftest import REPO, run_engine
+
+
+def test_version_check_names_both_versions():
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.0+cpu")
+    with pytest.raises(UnsupportedVllm, match=r"built for vLLM 0\.32\.0, but vLLM 0\.31\.1 is installed"):
+        check_vllm_version("0.31.1")
+
+
+@pytest.mark.parametrize("value,enabled", [(None, True), ("1", True), ("0", False), ("off", False)])
+def test_switch(monkeypatch, value, enabled):
+    if value is None:
+        monkeypatch.delenv("LONGROPE_PLUGIN", raising=False)
+    else:
+        monkeypatch.setenv("LONGROPE_PLUGIN", value)
+    assert plugin_enabled() is enabled
+
+
+def test_salt_separates_sets_and_keeps_the_clients():
+    assert salt_for("short", None) != salt_for("long", None)
+    assert salt_for("short", "tenant-a") != salt_for("short", "tenant-b")
+
+
+def test_engine_rule_is_pinned_else_budget(tiny_model):
+    ladder = tiny_model[2]
+    assert set_for_request(ladder, 100, 10, None) == 0
+    assert set_for_request(ladder, 100, 200, {}) == 1
+    assert set_for_request(ladder, 100, 10, {"rope_set": "long"}) == 2
+
+
+def test_ladder_comes_from_file_else_config(tiny_model, monkeypatch):
+    model_dir, factors, ladder = tiny_model
+    config = json.loads((model_dir / "config.json").read_text())
+    monkeypatch.delenv("LONGROPE_FACTORS", raising=False)
+    assert ladder_for_model(config).names == ["short", "long"]  # the config's Phi-3 style pair
+    monkeypatch.setenv("LONGROPE_FACTORS", str(factors))
+    assert ladder_for_model(config) == ladder
+
+
+@pytest.mark.parametrize("field,value", [("original_window", 512), ("rotary_dim", 32), ("rope_theta", 500000.0)])
+def test_mismatched_file_is_refused_naming_the_field(tiny_model, field, value):
+    model_dir, factors, _ = tiny_model
+    data = json.loads(factors.read_text())
+    data["model"][field] = value
+    if field == "rotary_dim":
+        for fs in data["sets"]:
+            fs["factors"] = fs["factors"][: value // 2]
+    if field == "original_window":
+        data["sets"] = data["sets"][1:]  # windows must stay >= W0
+    config = json.loads((model_dir / "config.json").read_text())
+    from rope_ext.factors import parse_ladder
+
+    with pytest.raises(LadderMismatch, match=f"model.{field} is {value}"):
+        check_fits(parse_ladder(data), config)
+
+
+def test_engine_start_refuses_a_file_for_another_model(tiny_model, tmp_path):
+    model_dir, factors, _ = tiny_model
+    ladder = load_ladder(factors)
+    wrong = ladder.model_copy(update={"model": ladder.model.model_copy(update={"rope_theta": 500000.0})})
+    path = tmp_path / "wrong.json"
+    save_ladder(wrong, path)
+    spec = {"model": str(model_dir), "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
+            "requests": []}
+    with pytest.raises(AssertionError) as info:
+        run_engine(spec, {"LONGROPE_FACTORS": str(path)}, tmp_path, "wrong")
+    assert "model.rope_theta is 500000.0, but the served model has rope_theta 10000.0" in str(info.value)
+
+
+def test_engine_start_refuses_another_vllm_version(tiny_model):
+    code = (
+        "import vllm; vllm.__version__ = '0.31.1'\n"
+        "from vllm import LLM\n"
+        f"LLM(model={str(tiny_model[0])!r}, dtype='float32', enforce_eager=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "built for vLLM 0.32.0, but vLLM 0.31.1 is installed" in result.stderr

@@ -1,0 +1,266 @@
+"""The official openai client against `longrope serve` (SmolLM2, real engine, real uvicorn on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from tests.server.conftest import API_KEY
+
+MODEL = "smollm2"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_server):
+    return openai.OpenAI(base_url=smollm2_server.v1, api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def make_aclient(smollm2_server):
+    """An async client per event loop (its connection pool belongs to the loop that made it)."""
+    return lambda: openai.AsyncOpenAI(base_url=smollm2_server.v1, api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_factual_answer_usage_and_headers(client, tokenizer):
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=QUESTION, max_tokens=20, temperature=0, logprobs=True, top_logprobs=2,
+        extra_headers={"X-Request-Id": "my-request-1"},
+    )
+    assert raw.headers["x-request-id"] == "my-request-1"
+    assert raw.headers["x-rope-set"] == "short"
+    reply = raw.parse()
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content
+    assert reply.object == "chat.completion" and reply.model == MODEL and choice.message.role == "assistant"
+    prompt_ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+    assert reply.usage.completion_tokens == len(choice.logprobs.content) > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    for entry in choice.logprobs.content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+
+
+def test_stream_equals_non_stream_and_ends_with_usage(client):
+    full = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_raw_sse_framing(smollm2_server):
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{smollm2_server.v1}/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        json.loads(line[6:])
+
+
+def test_async_client_stream_and_not(make_aclient):
+    async def run():
+        aclient = make_aclient()
+        reply = await aclient.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0)
+        stream = await aclient.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12,
+                                                       temperature=0, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        return reply.choices[0].message.content, text
+
+    full, streamed = asyncio.run(run())
+    assert full == streamed and "Paris" in full
+
+
+def test_stop_string(client):
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0,
+                                           stop=["Paris"])
+    assert "Paris" not in reply.choices[0].message.content
+    assert reply.choices[0].message.content.startswith("The capital of France is")
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_n_two_choices(client):
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=1, seed=3, n=2)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert all(c.message.content for c in reply.choices)
+    assert reply.usage.completion_tokens == 16
+
+
+def test_seed_is_deterministic_at_temperature_one(client):
+    def ask(seed: int) -> str:
+        return client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=1,
+                                              seed=seed).choices[0].message.content
+
+    first, again, other = ask(1234), ask(1234), ask(99)
+    assert first == again
+    assert first != other
+
+
+def test_completions_with_logprobs(client):
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                      logprobs=2)
+    choice = reply.choices[0]
+    assert reply.object == "text_completion"
+    assert "Paris" in choice.text
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert len(choice.logprobs.top_logprobs[0]) == 2
+    assert reply.usage.completion_tokens == 4 and choice.finish_reason == "length"
+
+
+def test_json_schema_output_parses(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"]}
+    reply = client.chat.completions.create(
+        model=MODEL, max_tokens=60, temperature=0,
+        messages=[{"role": "user", "content": "Name a city and its population as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )
+    data = json.loads(reply.choices[0].message.content)
+    assert isinstance(data["city"], str) and isinstance(data["population"], int)
+
+
+def test_content_as_text_parts(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
+                                          {"type": "text", "text": "of France?"}]}]
+    as_parts = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=12, temperature=0)
+    as_string = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0)
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+
+
+def test_models_lists_the_ladder(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert [s["name"] for s in models[0].model_extra["rope_sets"]] == ["short", "long"]
+
+
+# ---- errors: status, type and code ----
+
+def error_of(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    return info.value
+
+
+def test_unknown_field_is_400_naming_it(client):
+    err = error_of(lambda: client.chat.completions.create(model=MODEL, messages=QUESTION,
+                                                          extra_body={"frobnicate": 1}))
+    assert err.status_code == 400
+    assert err.body["type"] == "invalid_request_error" and err.body["param"] == "frobnicate"
+
+
+def test_unsupported_field_is_400_naming_it(client):
+    err = error_of(lambda: client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]))
+    assert err.status_code == 400 and err.body["param"] == "tools" and err.body["code"] == "unsupported_parameter"
+
+
+def test_invalid_value_is_400_not_422(client):
+    err = error_of(lambda: client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=5))
+    assert err.status_code == 400 and err.body["param"] == "temperature"
+
+
+def test_context_length_exceeded(client):
+    err = error_of(lambda: client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20000))
+    assert err.status_code == 400 and err.body["code"] == "context_length_exceeded"
+    assert "16384" in err.body["message"] and "20000 to generate" in err.body["message"]
+
+
+def test_pinned_set_too_small_is_refused(client):
+    err = error_of(lambda: client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=9000,
+                                                          extra_body={"rope_set": "short"}))
+    assert err.status_code == 400 and err.body["code"] == "context_length_exceeded"
+
+
+def test_unknown_model_is_404(client):
+    err = error_of(lambda: client.chat.completions.create(model="nope", messages=QUESTION))
+    assert err.status_code == 404 and err.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_missing_or_wrong_key_is_401(smollm2_server, key):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.post(f"{smollm2_server.v1}/chat/completions", headers=headers,
+                          json={"model": MODEL, "messages": QUESTION})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_second_key_works_and_health_is_open(smollm2_server):
+    assert httpx.get(f"{smollm2_server.base}/health").status_code == 200
+    response = httpx.get(f"{smollm2_server.v1}/models", headers={"Authorization": "Bearer test-key-2"})
+    assert response.status_code == 200
+
+
+def test_body_over_limit_is_413(smollm2_server):
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 300_000}]}
+    response = httpx.post(f"{smollm2_server.v1}/chat/completions", json=big,
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def running_requests(server) -> float:
+    text = urllib.request.urlopen(f"{server.base}/metrics", timeout=5).read().decode()
+    values = [float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M)]
+    assert values, "vllm:num_requests_running missing from /metrics"
+    return sum(values)
+
+
+def test_disconnect_mid_stream_aborts_the_engine_request(smollm2_server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story about a whale."}],
+            "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{smollm2_server.v1}/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert running_requests(smollm2_server) >= 1
+    deadline = time.time() + 30
+    while running_requests(smollm2_server) > 0:
+        assert time.time() < deadline, "engine still running the request after the client left"
+        time.sleep(0.5)
+
+
+def test_32_concurrent_streams_complete(make_aclient):
+    async def one(aclient, i: int) -> tuple[str, str | None]:
+        stream = await aclient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Say a number above {i}."}], max_tokens=8,
+            temperature=0, stream=True)
+        text, finish = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    async def run():
+        aclient = make_aclient()
+        return await asyncio.gather(*(one(aclient, i) for i in range(32)))
+
+    results = asyncio.run(run())
+    assert len(results) == 32
+    assert all(text and finish in ("stop", "length") for text, finish in results)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs everything (scripts/setup.sh) and prepares the default model, SmolLM2-135M-Instruct.
-# Serving it (`longrope serve`) arrives with the server issue; until then this stops here.
+# Installs everything (scripts/setup.sh), prepares SmolLM2-135M-Instruct and serves it with its
+# shipped ladder on 127.0.0.1:8000. Extra arguments go to `longrope serve` (and on to vLLM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "default model ready at $(.venv/bin/longrope prepare-model)"
-echo "serving is not built yet (server issue open); this command stops after preparing the model."
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+exec .venv/bin/longrope serve "$@"

@@ -71,3 +71,11 @@ def tiny_model(tmp_path_factory, smollm2_dir) -> tuple[Path, Path, Ladder]:
     factors = root / "tiny-ladder.json"
     save_ladder(ladder, factors)
     return model_dir, factors, ladder
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_model):
+    from tests.vllm_plugin.reference import ReferenceModel
+
+    model_dir, _, ladder = tiny_model
+    return ReferenceModel(model_dir, ladder, TINY_MAX_LEN)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_MAX_LEN
 
 REPO = Path(__file__).resolve().parents[2]
 def run_engine(spec: dict, env: dict[str, str], tmp_path: Path, name: str) -> dict:
@@ -29,14 +28,6 @@ def run_engine(spec: dict, env: dict[str, str], tmp_path: Path, name: str) -> di
     if result.returncode != 0:
         raise AssertionError(f"engine run {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return json.loads(out_path.read_text())
-
-
-@pytest.fixture(scope="session")
-def tiny_reference(tiny_model):
-    from tests.vllm_plugin.reference import ReferenceModel
-
-    model_dir, _, ladder = tiny_model
-    return ReferenceModel(model_dir, ladder, TINY_MAX_LEN)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,120 @@
+"""DESIGN.md rule 3 through the server: a request that reaches its set's window moves up the ladder.
+
+Tiny Llama, W0 = 256, three sets (256 / 512 / 1024), policy dynamic. A 240-token prompt with
+max_tokens 40 starts in 'short', is capped at 16 tokens there, then prompt + those 16 are
+prefilled again under 'mid' and generation goes on. The client sees one response whose
+tokens equal a transformers reference that switches sets at 256 and recomputes the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from tests.server.conftest import start_server, stop_server
+from tests.vllm_plugin.workload import LOGPROB_TOLERANCE
+
+PROMPT_LEN, MAX_TOKENS, SWITCH_AT = 240, 40, 256
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    rng = random.Random(7)
+    return [rng.randrange(100, 49000) for _ in range(PROMPT_LEN)]
+
+
+@pytest.fixture(scope="module")
+def switched(tiny_reference, prompt):
+    return tiny_reference.run(prompt, MAX_TOKENS, "short", switch_to="mid", switch_at=SWITCH_AT)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    return openai.OpenAI(base_url=tiny_server.v1, api_key="unused", max_retries=0)
+
+
+def test_promoted_completion_equals_switching_reference(client, tiny_reference, prompt, switched):
+    raw = client.completions.with_raw_response.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS,
+                                                      temperature=0, logprobs=0)
+    reply = raw.parse()
+    choice = reply.choices[0]
+    assert choice.model_extra["rope_promotions"] == [{"from": "short", "to": "mid", "at_tokens": SWITCH_AT}]
+    assert raw.headers["x-rope-set"] == "mid"
+    assert raw.headers["x-rope-promotions"] == f"short->mid@{SWITCH_AT}"
+    assert choice.logprobs.token_logprobs == pytest.approx(switched.token_logprobs, abs=LOGPROB_TOLERANCE)
+    # staying in 'short' past its window would have given other tokens: the switch is real
+    unswitched = tiny_reference.run(prompt, MAX_TOKENS, "short")
+    assert unswitched.token_logprobs != pytest.approx(switched.token_logprobs, abs=LOGPROB_TOLERANCE)
+    assert reply.usage.prompt_tokens == PROMPT_LEN and reply.usage.completion_tokens == MAX_TOKENS
+    assert choice.finish_reason == "length"
+
+
+def test_promoted_stream_is_one_unbroken_response(client, prompt, switched):
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                            logprobs=0, stream=True, stream_options={"include_usage": True}))
+    logprobs = [lp for c in chunks if c.choices and c.choices[0].logprobs
+                for lp in c.choices[0].logprobs.token_logprobs]
+    assert logprobs == pytest.approx(switched.token_logprobs, abs=LOGPROB_TOLERANCE)
+    finals = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].model_extra["rope_promotions"][0]["to"] == "mid"
+    assert chunks[-1].usage.prompt_tokens == PROMPT_LEN and chunks[-1].usage.completion_tokens == MAX_TOKENS
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stop_string_straddling_the_switch_still_stops(client, tiny_model, prompt, switched):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model[0])
+    text = tokenizer.decode(switched.tokens, skip_special_tokens=True)
+    boundary = len(tokenizer.decode(switched.tokens[: SWITCH_AT - PROMPT_LEN], skip_special_tokens=True))
+    assert text[:boundary] == tokenizer.decode(switched.tokens[: SWITCH_AT - PROMPT_LEN], skip_special_tokens=True)
+    stop = text[boundary - 3 : boundary + 3]
+    assert len(stop) == 6
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.text == text[: text.find(stop)]
+    assert choice.model_extra["rope_promotions"][0]["at_tokens"] == SWITCH_AT
+
+
+def test_budget_policy_or_pinned_set_never_promotes(client, prompt, tiny_reference):
+    pinned = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=0,
+                                       extra_body={"rope_set": "mid"})
+    assert pinned.choices[0].model_extra["rope_promotions"] == []
+    alone = tiny_reference.run(prompt, MAX_TOKENS, "mid")
+    assert pinned.choices[0].logprobs.token_logprobs == pytest.approx(alone.token_logprobs, abs=LOGPROB_TOLERANCE)
+
+
+def test_sigterm_drains_running_requests(tiny_model, tmp_path):
+    """SIGTERM: the listening socket closes, the running stream still finishes, the process exits."""
+    model_dir, factors, _ = tiny_model
+    server = start_server(
+        ["--model", str(model_dir), "--factors", str(factors), "--served-model-name", "tiny", "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", "1024", "--drain-timeout", "120"],
+        tmp_path / "drain.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    try:
+        body = {"model": "tiny", "prompt": [5] * 20, "max_tokens": 600, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{server.v1}/completions", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line)
+            assert first.startswith("data: ")
+            server.proc.send_signal(signal.SIGTERM)  # to the server alone, as a container runtime does
+            time.sleep(1.0)
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{server.base}/health", timeout=5)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        usage = json.loads(rest[-2][6:])["usage"]
+        assert usage["completion_tokens"] == 600
+        # uvicorn re-raises the captured SIGTERM once it has drained, so the exit status says why it stopped
+        assert server.proc.wait(timeout=120) in (0, -signal.SIGTERM)
+        assert "Finished server process" in server.log_text()
+    finally:
+        stop_server(server)

@@ -45,7 +45,7 @@ class ServedModel:
         return self.engine is not None and not self.engine.errored
 
     def _build(self) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -60,9 +60,7 @@ class ServedModel:
         args = parser.parse_args(["--model", str(self.settings.model), *self.engine_argv])
         engine_args = AsyncEngineArgs.from_cli_args(args)
         engine_args.served_model_name = self.settings.model_name
-        engine_args.disable_log_stats = False
-        from transformers import AutoConfig
-
+        engine_args.disable_log_stats = False  # /metrics shows the engine's counters
         ladder = ladder_for_model(AutoConfig.from_pretrained(self.settings.model))
         if ladder is None:
             raise ValueError(f"{self.settings.model} has no longrope config; give a factor file with --factors")

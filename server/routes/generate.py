@@ -64,26 +64,32 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, logprobs: i
     )
 
 
-def _chat_logprobs(tokenizer: Any, delta: Delta, top: int) -> list[dict]:
-    entries = []
-    for token_id, options in zip(delta.token_ids, delta.logprobs):
-        def item(tid: int, lp: Any) -> dict:
-            text = lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([tid])
-            return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode())}
+def _token_text(tokenizer: Any, token_id: int, logprob: Any) -> str:
+    return logprob.decoded_token if logprob.decoded_token is not None else tokenizer.decode([token_id])
 
-        ranked = sorted(options.items(), key=lambda kv: kv[1].rank or 0)[:top]
-        entries.append({**item(token_id, options[token_id]), "top_logprobs": [item(t, lp) for t, lp in ranked]})
-    return entries
+
+def _ranked(options: dict[int, Any], top: int) -> list[tuple[int, Any]]:
+    return sorted(options.items(), key=lambda kv: kv[1].rank or 0)[:top]
+
+
+def _chat_logprobs(tokenizer: Any, delta: Delta, top: int) -> list[dict]:
+    def item(token_id: int, logprob: Any) -> dict:
+        text = _token_text(tokenizer, token_id, logprob)
+        return {"token": text, "logprob": logprob.logprob, "bytes": list(text.encode())}
+
+    return [
+        {**item(token_id, options[token_id]), "top_logprobs": [item(t, lp) for t, lp in _ranked(options, top)]}
+        for token_id, options in zip(delta.token_ids, delta.logprobs)
+    ]
 
 
 def _completion_logprobs(tokenizer: Any, delta: Delta, top: int, offset: int) -> dict:
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token_id, options in zip(delta.token_ids, delta.logprobs):
-        text = options[token_id].decoded_token or tokenizer.decode([token_id])
+        text = _token_text(tokenizer, token_id, options[token_id])
         out["tokens"].append(text)
         out["token_logprobs"].append(options[token_id].logprob)
-        ranked = sorted(options.items(), key=lambda kv: kv[1].rank or 0)[:top]
-        out["top_logprobs"].append({(lp.decoded_token or tokenizer.decode([t])): lp.logprob for t, lp in ranked})
+        out["top_logprobs"].append({_token_text(tokenizer, t, lp): lp.logprob for t, lp in _ranked(options, top)})
         out["text_offset"].append(offset)
         offset += len(text)
     return out
@@ -140,7 +146,7 @@ async def respond(
     # A grammar cannot resume in a new engine request, so structured output is admitted whole (no promotion).
     policy = Policy.BUDGET if structured else settings.rope_policy
     try:
-        choose_set(ladder, len(prompt_ids), max_tokens, policy, body.rope_set)
+        start_set = ladder.sets[choose_set(ladder, len(prompt_ids), max_tokens, policy, body.rope_set)].name
     except ContextLengthExceeded as exc:
         raise bad_request(str(exc), param=prompt_param, code="context_length_exceeded") from None
     except UnknownSet as exc:
@@ -219,9 +225,6 @@ async def respond(
                 "choices": choices, **extra}
         return f"data: {json.dumps(data)}\n\n"
 
-    # The start set is decided before the first byte; promotions are reported in each choice's last chunk.
-    start_set = ladder.sets[choose_set(ladder, len(prompt_ids), max_tokens, policy, body.rope_set)].name
-
     async def events() -> AsyncIterator[str]:
         offsets = [0] * body.n
         if kind == "chat":
@@ -250,4 +253,6 @@ async def respond(
             yield f"data: {json.dumps({'error': {'message': f'generation failed (request {request_id})', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
         yield "data: [DONE]\n\n"
 
+    # Headers leave before any promotion: a stream's header names its start set; each choice's
+    # finishing chunk reports where it ended and how it got there.
     return StreamingResponse(events(), media_type="text/event-stream", headers={"x-rope-set": start_set})

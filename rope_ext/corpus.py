@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-BOOKS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
+# The project's checkout has shared/ beside it (developers and CI alike); $LONGROPE_BOOKS_DIR overrides.
+BOOKS_DIR = Path(os.environ.get("LONGROPE_BOOKS_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "books")
 
 
 def book_text(path: str | Path) -> str:

@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from server.errors import APIError, error_body, install_handlers
+from server.metrics import ServerMetrics
 from server.settings import ServerSettings
 
 
@@ -42,6 +43,7 @@ def create_app(settings: ServerSettings, model, start_engine: bool = True) -> Fa
     app = FastAPI(title="longrope-serve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.model = model
+    app.state.metrics = ServerMetrics(settings.model_name)
     install_handlers(app)
 
     @app.middleware("http")
@@ -58,6 +60,9 @@ def create_app(settings: ServerSettings, model, start_engine: bool = True) -> Fa
         else:
             response = await call_next(request)
         response.headers["X-Request-Id"] = request_id
+        route = request.scope.get("route")
+        app.state.metrics.http.labels(getattr(route, "path", "unmatched"), request.method,
+                                      str(response.status_code)).inc()
         return response
 
     keyed = [Depends(require_key)]

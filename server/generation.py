@@ -9,6 +9,7 @@ all segments, so a stop string that straddles a switch still stops.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,12 +71,38 @@ class StopScanner:
 
 @dataclass
 class ChoiceRun:
-    """Everything a response needs to say about one choice once it is done."""
+    """Everything the response and the metrics need to say about one choice once it is done."""
 
-    start_set: str
+    start_set: str = ""
     final_set: str = ""
     promotions: list[Promotion] = field(default_factory=list)
+    prompt_tokens: int = 0
     completion_tokens: int = 0
+    outcome: str = "aborted"  # until it finishes: stop, length, or error
+    started: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
+    token_gaps_s: list[float] = field(default_factory=list)
+    e2e_s: float | None = None
+    queue_s: list[float] = field(default_factory=list)  # one per engine request (segment)
+    _last: float = field(default=0.0, repr=False)
+
+    def saw_tokens(self, count: int) -> None:
+        now = time.monotonic()
+        if self.first_token_s is None:
+            self.first_token_s = now - self.started
+            count -= 1
+        elif count:
+            self.token_gaps_s.extend([(now - self._last) / count] * count)
+        self._last = now
+
+    def saw_output(self, output: Any) -> None:
+        stats = getattr(output, "metrics", None)
+        if stats is not None and stats.scheduled_ts and stats.queued_ts and len(self.queue_s) < len(self.promotions) + 1:
+            self.queue_s.append(max(stats.scheduled_ts - stats.queued_ts, 0.0))
+
+    def finish(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.e2e_s = time.monotonic() - self.started
 
 
 async def generate_choice(
@@ -91,8 +118,30 @@ async def generate_choice(
     run: ChoiceRun,
 ) -> AsyncIterator[Delta]:
     """Yield deltas of one choice; ``run`` is filled in as it goes. Aborts engine work it abandons."""
+    try:
+        async for delta in _segments(engine, request_id, prompt_ids, params, max_tokens, ladder, policy, pinned,
+                                     stops, run):
+            yield delta
+    except Exception:
+        run.finish("error")
+        raise
+
+
+async def _segments(
+    engine: Any,
+    request_id: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    max_tokens: int,
+    ladder: Ladder,
+    policy: Policy,
+    pinned: str | None,
+    stops: list[str],
+    run: ChoiceRun,
+) -> AsyncIterator[Delta]:
     index = choose_set(ladder, len(prompt_ids), max_tokens, policy, pinned)
     run.start_set = run.final_set = ladder.sets[index].name
+    run.prompt_tokens = len(prompt_ids)
     scanner = StopScanner(stops)
     generated: list[int] = []
     segment = 0
@@ -115,7 +164,11 @@ async def generate_choice(
                 {"prompt_token_ids": prompt_ids + generated}, segment_params, engine_id
             ):
                 completion = output.outputs[0]
+                run.saw_output(output)
                 generated.extend(completion.token_ids)
+                run.completion_tokens = len(generated)
+                if completion.token_ids:
+                    run.saw_tokens(len(completion.token_ids))
                 text, stopped = scanner.feed(completion.text)
                 finish = completion.finish_reason
                 if stopped:
@@ -125,12 +178,13 @@ async def generate_choice(
         finally:
             if stopped or finish is None:  # we left the engine request early (stop, disconnect, error)
                 await engine.abort(engine_id)
-        run.completion_tokens = len(generated)
         if stopped:
+            run.finish("stop")
             yield Delta(text, [], [], "stop")
             return
         promote = finish == "length" and cap < remaining
         if not promote:
+            run.finish(finish or "stop")
             yield Delta(scanner.flush(), [], [], finish or "stop")
             return
         sequence = len(prompt_ids) + len(generated)

@@ -148,6 +148,7 @@ async def respond(
     try:
         start_set = ladder.sets[choose_set(ladder, len(prompt_ids), max_tokens, policy, body.rope_set)].name
     except ContextLengthExceeded as exc:
+        request.app.state.metrics.refused.labels(settings.model_name).inc()
         raise bad_request(str(exc), param=prompt_param, code="context_length_exceeded") from None
     except UnknownSet as exc:
         raise bad_request(str(exc), param="rope_set", code="unknown_rope_set") from None
@@ -162,7 +163,13 @@ async def respond(
     request_id = request.state.request_id
     created = int(time.time())
     object_name = "chat.completion" if kind == "chat" else "text_completion"
-    runs = [ChoiceRun(start_set="") for _ in range(body.n)]
+    runs = [ChoiceRun() for _ in range(body.n)]
+    metrics = request.app.state.metrics
+
+    def record() -> None:
+        for run in runs:
+            if run.start_set:  # the choice reached the engine
+                metrics.choice_done(run)
 
     def choice_params(i: int) -> SamplingParams:
         p = params.clone()
@@ -191,17 +198,20 @@ async def respond(
         chat_lp: list[list] = [[] for _ in range(body.n)]
         comp_lp: list[dict] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
                                for _ in range(body.n)]
-        async for i, delta in _merge(generators):
-            if want_logprobs and delta.token_ids:
-                if kind == "chat":
-                    chat_lp[i].extend(_chat_logprobs(tokenizer, delta, top))
-                else:
-                    part = _completion_logprobs(tokenizer, delta, top, len(texts[i]))
-                    for key in comp_lp[i]:
-                        comp_lp[i][key].extend(part[key])
-            texts[i] += delta.text
-            if delta.finish_reason:
-                finishes[i] = delta.finish_reason
+        try:
+            async for i, delta in _merge(generators):
+                if want_logprobs and delta.token_ids:
+                    if kind == "chat":
+                        chat_lp[i].extend(_chat_logprobs(tokenizer, delta, top))
+                    else:
+                        part = _completion_logprobs(tokenizer, delta, top, len(texts[i]))
+                        for key in comp_lp[i]:
+                            comp_lp[i][key].extend(part[key])
+                texts[i] += delta.text
+                if delta.finish_reason:
+                    finishes[i] = delta.finish_reason
+        finally:
+            record()
         choices = []
         for i in range(body.n):
             if kind == "chat":
@@ -250,7 +260,11 @@ async def respond(
             if include_usage:
                 yield chunk([], usage=usage())
         except Exception:  # noqa: BLE001 - the stream has started: report in-band, then end it
-            yield f"data: {json.dumps({'error': {'message': f'generation failed (request {request_id})', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            error = {"message": f"generation failed (request {request_id})", "type": "server_error",
+                     "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        finally:
+            record()  # also when the client went away: those choices count as aborted
         yield "data: [DONE]\n\n"
 
     # Headers leave before any promotion: a stream's header names its start set; each choice's

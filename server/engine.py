@@ -28,6 +28,19 @@ def resolve_factors(settings: ServerSettings) -> Path | None:
     return None
 
 
+def build_engine_args(settings: ServerSettings, engine_argv: list[str]) -> Any:
+    """vLLM's AsyncEngineArgs from the flags `longrope serve` did not claim (parallelism, dtype, ...)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="longrope serve"))
+    args = parser.parse_args(["--model", str(settings.model), *engine_argv])
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    engine_args.served_model_name = settings.model_name
+    engine_args.disable_log_stats = False  # /metrics shows the engine's counters
+    return engine_args
+
+
 class ServedModel:
     """Starts the engine off the event loop so /health can say 503 while it loads."""
 
@@ -46,8 +59,6 @@ class ServedModel:
 
     def _build(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
 
         factors = resolve_factors(self.settings)
@@ -56,11 +67,7 @@ class ServedModel:
             os.environ[FACTORS_ENV] = str(factors)  # the plugin reads it in every engine process
         else:
             os.environ.pop(FACTORS_ENV, None)
-        parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
-        args = parser.parse_args(["--model", str(self.settings.model), *self.engine_argv])
-        engine_args = AsyncEngineArgs.from_cli_args(args)
-        engine_args.served_model_name = self.settings.model_name
-        engine_args.disable_log_stats = False  # /metrics shows the engine's counters
+        engine_args = build_engine_args(self.settings, self.engine_argv)
         ladder = ladder_for_model(AutoConfig.from_pretrained(self.settings.model))
         if ladder is None:
             raise ValueError(f"{self.settings.model} has no longrope config; give a factor file with --factors")

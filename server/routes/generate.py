@@ -238,11 +238,13 @@ async def respond(
 
     async def events() -> AsyncIterator[str]:
         offsets = [0] * body.n
-        if kind == "chat":
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(body.n)])
+        role_sent = kind != "chat"
         try:
             async for i, delta in _merge(generators):
+                if not role_sent:  # with the first output, as vLLM does: a client's TTFT is the first token's
+                    role_sent = True
+                    yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None} for c in range(body.n)])
                 if kind == "chat":
                     lp = {"content": _chat_logprobs(tokenizer, delta, top)} if want_logprobs else None
                     if delta.text or lp:

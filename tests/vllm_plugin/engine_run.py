@@ -5,7 +5,7 @@ the plugin switch and factor file are environment variables read when vLLM start
 fresh process frees the engine's memory when it ends.
 
 SPEC: {"model": dir, "engine": {LLM kwargs},
-       "requests": [{"prompt_token_ids", "max_tokens", "rope_set"?, "prompt_logprobs"? (default true)}],
+       "requests": [{"prompt_token_ids", "max_tokens", "rope_set"?, "prompt_logprobs"? (default true), "seed"?}],
        "waves": optional list of lists of request indices sent one after another}
 """
 
@@ -22,8 +22,10 @@ def run(spec: dict) -> dict:
         extra = {"rope_set": req["rope_set"]} if req.get("rope_set") else None
         # prompt logprobs make vLLM skip the prefix cache, so the prefix-cache test turns them off
         prompt_logprobs = 0 if req.get("prompt_logprobs", True) else None
+        seed = req.get("seed")  # seeded requests sample at temperature 1; the others are greedy
         return SamplingParams(
-            temperature=0.0, max_tokens=req["max_tokens"], prompt_logprobs=prompt_logprobs, logprobs=0, extra_args=extra
+            temperature=0.0 if seed is None else 1.0, seed=seed, max_tokens=req["max_tokens"],
+            prompt_logprobs=prompt_logprobs, logprobs=0, extra_args=extra,
         )
 
     requests = spec["requests"]

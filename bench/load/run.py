@@ -1,9 +1,10 @@
 """Load: 200 requests at concurrency 16 against `longrope serve`, mixing every regime, with disconnects.
 
-SmolLM2-135M-Instruct with its shipped ladder (plain RoPE to 8192, YaRN to 16384), policy
-dynamic. The mix: short chats, long prompts (> 8192 tokens: the long set), prompts just under
-8192 with a budget that crosses it (promoted), and streams the client drops after a few
-chunks. Checks: no errors, every kept stream complete and well-formed (role first, one
+The tiny random-weight Llama of the tests (W0 = 256, sets 256 / 512 / 1024), so that long and
+promoted requests cost seconds, not minutes, on this CPU (SmolLM2 prefills ~230 tokens/s here,
+and every long request there is > 8192 tokens); policy dynamic. The mix: short prompts, long
+prompts (the long set), prompts just under 256 whose budget crosses it (promoted, some twice),
+and streams the client drops after a few chunks. Checks: no errors, every kept stream complete and well-formed (role first, one
 finish_reason, usage, [DONE]), the engine's running count back to zero, and the server's
 resident memory at start, after warm-up and at the end.
 
@@ -30,8 +31,8 @@ import httpx
 from bench.servers import longrope_serve
 
 HERE = Path(__file__).resolve().parent
-NAME = "smollm2"
-ENGINE = ["--dtype", "float32", "--enforce-eager", "--seed", "0"]
+NAME = "tiny"
+ENGINE = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-model-len", "1024"]
 
 
 def rss_mb(pid: int) -> float:
@@ -47,39 +48,34 @@ def running(base: str) -> float:
     return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
 
 
-def workload(tokenizer, book: str, n: int, seed: int) -> list[dict]:
-    """Request plans: kind, prompt, max_tokens, and whether the client leaves early."""
+def workload(n: int, seed: int) -> list[dict]:
+    """Request plans: kind, prompt token ids, max_tokens, and whether the client leaves early."""
     rng = random.Random(seed)
-    words = book.split()
 
-    def text_of(tokens: int) -> str:
-        start = rng.randrange(0, len(words) - tokens)
-        text = " ".join(words[start : start + tokens])
-        ids = tokenizer(text)["input_ids"][:tokens]
-        return tokenizer.decode(ids)
+    def ids(count: int) -> list[int]:
+        return [rng.randrange(100, 49000) for _ in range(count)]
 
     plans = []
-    for i in range(n):
+    for _ in range(n):
         roll = rng.random()
-        if roll < 0.04:
-            plans.append({"kind": "long", "content": text_of(8300), "max_tokens": 16})
-        elif roll < 0.08:
-            plans.append({"kind": "promoted", "content": text_of(8150), "max_tokens": 80})
-        elif roll < 0.18:
-            plans.append({"kind": "disconnect", "content": f"Tell me a long story number {i}.", "max_tokens": 400})
+        if roll < 0.15:
+            plans.append({"kind": "long", "prompt": ids(rng.randrange(520, 900)), "max_tokens": 16})
+        elif roll < 0.30:  # starts short (< 256), its budget crosses 256, some cross 512 too
+            plans.append({"kind": "promoted", "prompt": ids(rng.randrange(200, 250)),
+                          "max_tokens": rng.choice([40, 80, 320])})
+        elif roll < 0.40:
+            plans.append({"kind": "disconnect", "prompt": ids(50), "max_tokens": 400})
         else:
-            plans.append({"kind": "short", "content": f"Write one sentence about the number {i}.",
-                          "max_tokens": rng.choice([16, 32, 64])})
+            plans.append({"kind": "short", "prompt": ids(rng.randrange(10, 120)), "max_tokens": rng.choice([8, 16, 32])})
     return plans
 
 
 async def one(client: httpx.AsyncClient, base: str, plan: dict) -> dict:
-    body = {"model": NAME, "messages": [{"role": "user", "content": plan["content"]}],
-            "max_tokens": plan["max_tokens"], "temperature": 0.7, "seed": 1, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {"model": NAME, "prompt": plan["prompt"], "max_tokens": plan["max_tokens"], "temperature": 0.7,
+            "seed": 1, "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     lines: list[str] = []
-    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+    async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
         if response.status_code != 200:
             return {"kind": plan["kind"], "error": f"HTTP {response.status_code}: {await response.aread()!r}"}
         async for line in response.aiter_lines():
@@ -92,16 +88,15 @@ async def one(client: httpx.AsyncClient, base: str, plan: dict) -> dict:
 
 
 def check_stream(lines: list[str]) -> dict:
-    """Well-formed: all `data:` lines, role first, exactly one finish_reason, a usage chunk, then [DONE]."""
+    """Well-formed: all `data:` lines, one id, exactly one finish_reason, a usage chunk, then [DONE]."""
     if not lines or lines[-1] != "data: [DONE]" or not all(line.startswith("data: ") for line in lines):
         return {"ok": False, "error": "bad framing"}
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     if any("error" in c for c in chunks):
         return {"ok": False, "error": "error event"}
-    first = chunks[0]["choices"][0]["delta"]
     finishes = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     usage = chunks[-1].get("usage")
-    ok = first.get("role") == "assistant" and len(finishes) == 1 and usage is not None
+    ok = len({c["id"] for c in chunks}) == 1 and len(finishes) == 1 and usage is not None
     return {"ok": ok, "completion_tokens": usage and usage["completion_tokens"],
             "promotions": finishes[0].get("rope_promotions") if finishes else None}
 
@@ -126,22 +121,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
-    from rope_ext.corpus import BOOKS_DIR, book_text
     from rope_ext.model_files import prepare_model
+    from tests.conftest import build_tiny_model
 
-    model = prepare_model()
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    plans = workload(tokenizer, book_text(BOOKS_DIR / "pride-and-prejudice.txt"), args.requests, seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="load-"))
-    server = longrope_serve(["--model", str(model), "--served-model-name", NAME, *ENGINE], tmp / "server.log",
-                            {"VLLM_CPU_KVCACHE_SPACE": "4"})
+    model, factors, _ = build_tiny_model(tmp, prepare_model())
+    plans = workload(args.requests, seed=0)
+    server = longrope_serve(["--model", str(model), "--factors", str(factors), "--served-model-name", NAME, *ENGINE],
+                            tmp / "server.log", {"VLLM_CPU_KVCACHE_SPACE": "1"})
     with server:
         pid = server.proc.pid
         rss = {"start": rss_mb(pid)}
-        warm = workload(tokenizer, book_text(BOOKS_DIR / "pride-and-prejudice.txt"), 16, seed=1)
-        asyncio.run(drive(server.base, [p for p in warm if p["kind"] == "short"], args.concurrency))
+        asyncio.run(drive(server.base, [p for p in workload(32, seed=1) if p["kind"] == "short"], args.concurrency))
         rss["after_warmup"] = rss_mb(pid)
         started = time.perf_counter()
         results = asyncio.run(drive(server.base, plans, args.concurrency))
@@ -163,7 +154,7 @@ def main() -> None:
         "command": "python -m bench.load.run",
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "server": {"model": "SmolLM2-135M-Instruct", "ladder": "shipped (short 8192, long 16384)",
+        "server": {"model": "tiny random-weight Llama (tests/conftest.py)", "ladder": "short 256, mid 512, long 1024",
                    "policy": "dynamic", "engine_flags": ENGINE},
         "requests": args.requests, "concurrency": args.concurrency, "seconds": round(elapsed, 1),
         "by_kind": by_kind, "requests_promoted": promoted, "errors": len(errors), "error_samples": errors[:5],

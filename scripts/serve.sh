@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
-exec .venv/bin/longrope serve "$@"
+# float32: on this CPU build, bfloat16 with torch.compile flips SmolLM2's close first tokens
+# ("L'Étoile…" instead of "Paris"); later flags override (e.g. --dtype bfloat16 on a GPU).
+exec .venv/bin/longrope serve --dtype float32 "$@"

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from rope_ext.factors import FactorSet, Ladder
-from rope_ext.frequencies import rotary_tables
+from rope_ext.hf_model import RotatedModel
 
 
 @dataclass
@@ -22,19 +21,12 @@ class ReferenceModel:
     """A transformers Llama whose rotary embedding reads rope_ext's tables for a chosen set."""
 
     def __init__(self, model_dir, ladder: Ladder, max_positions: int):
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.rotated = RotatedModel(model_dir, ladder.model, max_positions)
+        self.model = self.rotated.model
         self.ladder = ladder
-        self.max_positions = max_positions
-        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _use(self, fs: FactorSet) -> None:
-        if fs.name not in self._tables:
-            info = self.ladder.model
-            cos, sin = rotary_tables(fs, info.rope_theta, info.rotary_dim, self.max_positions)
-            self._tables[fs.name] = (torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))
-        cos, sin = self._tables[fs.name]
-        rotary = self.model.model.rotary_emb
-        rotary.forward = lambda x, position_ids, *a, **k: (cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype))
+        self.rotated.use(fs)
 
     @torch.no_grad()
     def _logprobs(self, ids: list[int]) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""Passkey retrieval: a number hidden at some depth of a long prompt, asked for at the end.
+
+The prompt is the one LongRoPE evaluates with (from Mohtashami & Jaggi's landmark-attention
+test): a task line, repeated filler sentences, the key line at the chosen depth, more
+filler, then the question. The model passes when greedy decoding reproduces the key; we
+check that in one forward pass, as "every answer token is the argmax given its prefix".
+
+The same builder with a real book as the haystack gives LongRoPE2's needle-driven
+perplexity samples: perplexity over the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from rope_ext.factors import FactorSet
+from rope_ext.hf_model import RotatedModel
+from rope_ext.perplexity import Sample
+
+TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+QUESTION = " What is the pass key? The pass key is"
+
+
+def _needle(key: int) -> str:
+    return f" The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def passkey_sample(tokenizer, length: int, depth: float, key: int, haystack: list[int] | None = None) -> Sample:
+    """A prompt of exactly ``length`` tokens (answer included) with the key at ``depth`` ∈ [0, 1].
+
+    The haystack is the filler sentence repeated, or the given book tokens. Only the answer
+    tokens are scored.
+    """
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    head, needle, question, answer = encode(TASK), encode(_needle(key)), encode(QUESTION), encode(f" {key}")
+    room = length - len(head) - len(needle) - len(question) - len(answer)
+    if room < 0:
+        raise ValueError(f"length {length} is too short for a passkey prompt")
+    if haystack is None:
+        filler = encode(FILLER)
+        haystack = filler * (room // len(filler) + 1)
+    if len(haystack) < room:
+        raise ValueError(f"haystack of {len(haystack)} tokens cannot fill {room}")
+    hay = haystack[:room]
+    cut = int(round(depth * room))
+    ids = head + hay[:cut] + needle + hay[cut:] + question + answer
+    scored = torch.zeros(len(ids) - 1, dtype=torch.bool)
+    scored[-len(answer) :] = True
+    return Sample(torch.tensor(ids), scored)
+
+
+@dataclass(frozen=True)
+class PasskeyTrial:
+    length: int
+    depth: float
+    key: int
+    passed: bool
+
+
+def passkey_trials(
+    model: RotatedModel,
+    tokenizer,
+    factor_set: FactorSet | None,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int,
+) -> list[PasskeyTrial]:
+    """Every (length, depth) cell ``trials`` times; keys come from ``seed`` so methods see the same keys."""
+    model.use(factor_set)
+    rng = random.Random(seed)
+    results = []
+    for length in lengths:
+        for depth in depths:
+            for _ in range(trials):
+                key = rng.randint(10000, 99999)
+                sample = passkey_sample(tokenizer, length, depth, key)
+                _, top1 = model.token_scores(sample.ids)
+                results.append(PasskeyTrial(length, depth, key, bool(top1[sample.scored].all())))
+    return results
+
+
+def needle_samples(tokenizer, data, length: int, per_book: int, seed: int) -> list[Sample]:
+    """LongRoPE2's needle-driven perplexity data: book chunks, each with a key at a random depth.
+
+    Only the answer tokens are scored, so the fitness rewards retrieving from far back
+    rather than predicting nearby text well.
+    """
+    from rope_ext.perplexity import documents
+
+    rng = random.Random(seed)
+    samples = []
+    for doc in documents(tokenizer, data, length, per_book):
+        key, depth = rng.randint(10000, 99999), rng.uniform(0.1, 0.9)
+        samples.append(passkey_sample(tokenizer, length, depth, key, haystack=doc.ids.tolist()))
+    return samples

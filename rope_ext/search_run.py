@@ -1,0 +1,121 @@
+"""`longrope search` end to end: a real model as fitness, a disk cache, a log and a progress bar.
+
+Every evaluation is stored under a key made of the genome and a fingerprint of what it was
+scored on (model, tokens, window), so a killed search rerun with the same arguments replays
+its finished evaluations from disk at no cost and goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rope_ext.factors import FORMAT_VERSION, Ladder, ModelInfo
+from rope_ext.hf_model import RotatedModel
+from rope_ext.perplexity import Sample, perplexity
+from rope_ext.search import Evaluated, Genome, SearchConfig, SearchResult, SearchSpace, evolve
+
+
+class EvaluationCache:
+    """Append-only JSONL of {context, key, ppl, seconds}; one file can hold many searches."""
+
+    def __init__(self, path: Path, context: str):
+        self.path = path
+        self.context = context
+        self.entries: dict[str, float] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    if record["context"] == context:
+                        self.entries[record["key"]] = record["ppl"]
+
+    def get(self, genome: Genome) -> float | None:
+        return self.entries.get(genome.key)
+
+    def put(self, genome: Genome, ppl: float, seconds: float) -> None:
+        self.entries[genome.key] = ppl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"context": self.context, "key": genome.key, "ppl": ppl, "seconds": seconds}) + "\n")
+
+
+def fingerprint(info: ModelInfo, window: int, samples: list[Sample], mode: str) -> str:
+    """What a perplexity depends on besides the genome: model, window, scored tokens, mode."""
+    h = hashlib.sha256(json.dumps([info.model_dump(), window, mode]).encode())
+    for sample in samples:
+        h.update(sample.ids.numpy().tobytes())
+        if sample.scored is not None:
+            h.update(sample.scored.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class SearchRun:
+    """Everything a search needs besides the genetic algorithm itself."""
+
+    model: RotatedModel
+    samples: list[Sample]
+    window: int
+    space: SearchSpace
+    config: SearchConfig
+    cache_path: Path
+    log_path: Path
+    set_name: str
+
+    def run(self) -> tuple[Ladder, SearchResult]:
+        info = self.model.info
+        cache = EvaluationCache(self.cache_path, fingerprint(info, self.window, self.samples, self.space.mode))
+        bar = tqdm(total=self.config.evaluations, unit="eval", desc=f"search {self.set_name} @ {self.window}")
+        best = float("inf")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("w")
+        last_seconds = 0.0
+
+        def fitness(genome: Genome) -> float:
+            nonlocal last_seconds
+            cached = cache.get(genome)
+            if cached is not None:
+                last_seconds = 0.0
+                return cached
+            start = time.perf_counter()
+            ppl = perplexity(self.model, genome.factor_set(self.set_name, self.window, info), self.samples).all
+            last_seconds = time.perf_counter() - start
+            cache.put(genome, ppl, last_seconds)
+            return ppl
+
+        def on_evaluated(done: Evaluated) -> None:
+            nonlocal best
+            best = min(best, done.ppl)
+            record = {"iteration": done.iteration, "origin": done.origin, "ppl": done.ppl, "seconds": last_seconds,
+                      "n_hat": done.genome.n_hat, "factors": list(done.genome.factors)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(best_ppl=f"{best:.3f}", iteration=done.iteration)
+            bar.update(1)
+
+        try:
+            result = evolve(info, self.window, fitness, self.space, self.config, on_evaluated)
+        finally:
+            bar.close()
+            log.close()
+        best_set = result.best.genome.factor_set(self.set_name, self.window, info)
+        return Ladder(format_version=FORMAT_VERSION, model=info, sets=[best_set]), result
+
+
+def search_summary(result: SearchResult, config: SearchConfig, space: SearchSpace) -> dict:
+    """The numbers worth keeping beside the factor file."""
+    seeds = {e.origin: e.ppl for e in result.history if e.origin in ("pi", "ntk", "yarn")}
+    return {
+        "config": asdict(config),
+        "space": {"mode": space.mode, "bounds": list(space.bounds), "critical": space.critical},
+        "evaluations": len(result.history),
+        "seed_ppl": seeds,
+        "best": {"ppl": result.best.ppl, "origin": result.best.origin, "iteration": result.best.iteration,
+                 "n_hat": result.best.genome.n_hat, "factors": list(result.best.genome.factors)},
+    }

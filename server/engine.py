@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from rope_ext.factors import Ladder, load_ladder
-from rope_ext.model_files import default_model_dir
+from rope_ext.model_files import DEFAULT_LADDER, default_model_dir
 from rope_ext.vllm_plugin.model_ladder import FACTORS_ENV, ladder_for_model
 from server.settings import ServerSettings
 
 logger = logging.getLogger("longrope.server")
 
-SHIPPED_LADDERS = Path(__file__).resolve().parents[1] / "rope_ext" / "ladders"
-DEFAULT_LADDER = SHIPPED_LADDERS / "smollm2-135m-instruct.json"
 
 
 def resolve_factors(settings: ServerSettings) -> Path | None:

@@ -6,9 +6,9 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from server.probe import wait_until_ok
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,17 +30,10 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}  # None: unset it
         self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 600
-        while True:
-            try:
-                if urllib.request.urlopen(f"{self.base}/health", timeout=2).status == 200:
-                    return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.__exit__()
-                raise SystemExit(f"server did not start; see {self.log}")
-            time.sleep(1)
+        if not wait_until_ok(f"{self.base}/health", self.proc, timeout=600):
+            self.__exit__()
+            raise SystemExit(f"server did not start; see {self.log}")
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc and self.proc.poll() is None:

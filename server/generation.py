@@ -117,79 +117,66 @@ async def generate_choice(
     stops: list[str],
     run: ChoiceRun,
 ) -> AsyncIterator[Delta]:
-    """Yield deltas of one choice; ``run`` is filled in as it goes. Aborts engine work it abandons."""
+    """Yield deltas of one choice; ``run`` is filled in as it goes. Aborts engine work it abandons.
+
+    Each loop turn is one engine request (a segment) under one set; a promotion starts the
+    next segment under the next set with prompt + generated tokens as its prompt.
+    """
     try:
-        async for delta in _segments(engine, request_id, prompt_ids, params, max_tokens, ladder, policy, pinned,
-                                     stops, run):
-            yield delta
+        index = choose_set(ladder, len(prompt_ids), max_tokens, policy, pinned)
+        run.start_set = run.final_set = ladder.sets[index].name
+        run.prompt_tokens = len(prompt_ids)
+        scanner = StopScanner(stops)
+        generated: list[int] = []
+        segment = 0
+        while True:
+            current = ladder.sets[index]
+            remaining = max_tokens - len(generated)
+            sequence = len(prompt_ids) + len(generated)
+            can_promote = policy is Policy.DYNAMIC and pinned is None and index < len(ladder.sets) - 1
+            cap = min(remaining, current.window - sequence) if can_promote else remaining
+            segment_params = params.clone()
+            segment_params.max_tokens = cap
+            segment_params.stop = []  # checked here, across segments
+            segment_params.output_kind = RequestOutputKind.DELTA
+            segment_params.extra_args = {**(params.extra_args or {}), ROPE_SET_KEY: current.name}
+            engine_id = f"{request_id}-s{segment}"
+            finish: str | None = None
+            stopped = False
+            try:
+                async for output in engine.generate(
+                    {"prompt_token_ids": prompt_ids + generated}, segment_params, engine_id
+                ):
+                    completion = output.outputs[0]
+                    run.saw_output(output)
+                    generated.extend(completion.token_ids)
+                    run.completion_tokens = len(generated)
+                    if completion.token_ids:
+                        run.saw_tokens(len(completion.token_ids))
+                    text, stopped = scanner.feed(completion.text)
+                    finish = completion.finish_reason
+                    if stopped:
+                        break
+                    if text or completion.token_ids:
+                        yield Delta(text, list(completion.token_ids), list(completion.logprobs or []))
+            finally:
+                if stopped or finish is None:  # we left the engine request early (stop, disconnect, error)
+                    await engine.abort(engine_id)
+            if stopped:
+                run.finish("stop")
+                yield Delta(text, [], [], "stop")
+                return
+            promote = finish == "length" and cap < remaining
+            if not promote:
+                run.finish(finish or "stop")
+                yield Delta(scanner.flush(), [], [], finish or "stop")
+                return
+            sequence = len(prompt_ids) + len(generated)
+            next_index = choose_set(ladder, sequence, max_tokens - len(generated), Policy.DYNAMIC)
+            run.promotions.append(Promotion(current.name, ladder.sets[next_index].name, sequence))
+            run.final_set = ladder.sets[next_index].name
+            index = next_index
+            segment += 1
     except Exception:
         run.finish("error")
         raise
-
-
-async def _segments(
-    engine: Any,
-    request_id: str,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    max_tokens: int,
-    ladder: Ladder,
-    policy: Policy,
-    pinned: str | None,
-    stops: list[str],
-    run: ChoiceRun,
-) -> AsyncIterator[Delta]:
-    index = choose_set(ladder, len(prompt_ids), max_tokens, policy, pinned)
-    run.start_set = run.final_set = ladder.sets[index].name
-    run.prompt_tokens = len(prompt_ids)
-    scanner = StopScanner(stops)
-    generated: list[int] = []
-    segment = 0
-    while True:
-        current = ladder.sets[index]
-        remaining = max_tokens - len(generated)
-        sequence = len(prompt_ids) + len(generated)
-        can_promote = policy is Policy.DYNAMIC and pinned is None and index < len(ladder.sets) - 1
-        cap = min(remaining, current.window - sequence) if can_promote else remaining
-        segment_params = params.clone()
-        segment_params.max_tokens = cap
-        segment_params.stop = []  # checked here, across segments
-        segment_params.output_kind = RequestOutputKind.DELTA
-        segment_params.extra_args = {**(params.extra_args or {}), ROPE_SET_KEY: current.name}
-        engine_id = f"{request_id}-s{segment}"
-        finish: str | None = None
-        stopped = False
-        try:
-            async for output in engine.generate(
-                {"prompt_token_ids": prompt_ids + generated}, segment_params, engine_id
-            ):
-                completion = output.outputs[0]
-                run.saw_output(output)
-                generated.extend(completion.token_ids)
-                run.completion_tokens = len(generated)
-                if completion.token_ids:
-                    run.saw_tokens(len(completion.token_ids))
-                text, stopped = scanner.feed(completion.text)
-                finish = completion.finish_reason
-                if stopped:
-                    break
-                if text or completion.token_ids:
-                    yield Delta(text, list(completion.token_ids), list(completion.logprobs or []))
-        finally:
-            if stopped or finish is None:  # we left the engine request early (stop, disconnect, error)
-                await engine.abort(engine_id)
-        if stopped:
-            run.finish("stop")
-            yield Delta(text, [], [], "stop")
-            return
-        promote = finish == "length" and cap < remaining
-        if not promote:
-            run.finish(finish or "stop")
-            yield Delta(scanner.flush(), [], [], finish or "stop")
-            return
-        sequence = len(prompt_ids) + len(generated)
-        next_index = choose_set(ladder, sequence, max_tokens - len(generated), Policy.DYNAMIC)
-        run.promotions.append(Promotion(current.name, ladder.sets[next_index].name, sequence))
-        run.final_set = ladder.sets[next_index].name
-        index = next_index
-        segment += 1

@@ -7,12 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from server.probe import wait_until_ok
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-1"
@@ -48,18 +48,10 @@ def start_server(args: list[str], log: Path, env: dict[str, str] | None = None, 
         cwd=REPO, env=full_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
     )
     server = Server(f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{server.base}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            stop_server(server)
-            raise AssertionError(f"longrope serve did not become healthy:\n{server.log_text()[-6000:]}")
-        time.sleep(1)
+    if not wait_until_ok(f"{server.base}/health", proc, timeout=timeout):
+        stop_server(server)
+        raise AssertionError(f"longrope serve did not become healthy:\n{server.log_text()[-6000:]}")
+    return server
 
 
 def stop_server(server: Server) -> None:

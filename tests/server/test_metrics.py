@@ -10,13 +10,13 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.probe import wait_until_ok
 from tests.server.conftest import REPO, free_port
 
 DEPLOY = REPO / "deploy"
@@ -54,15 +54,7 @@ def prometheus(tiny_server, tmp_path_factory):
         stdout=(workdir / "log").open("w"), stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, (workdir / "log").read_text()
-        time.sleep(0.5)
+    assert wait_until_ok(f"{base}/-/ready", proc, timeout=60, interval=0.5), (workdir / "log").read_text()
     yield base
     proc.terminate()
     proc.wait(timeout=30)

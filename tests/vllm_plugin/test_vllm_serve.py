@@ -10,13 +10,12 @@ import random
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import openai
 import pytest
 
 from rope_ext.hf_config import ladder_from_hf
+from server.probe import wait_until_ok
 from tests.vllm_plugin.conftest import REPO
 from tests.vllm_plugin.reference import ReferenceModel
 from tests.vllm_plugin.workload import LOGPROB_TOLERANCE
@@ -41,18 +40,10 @@ def vllm_server(tiny_model, tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            log.seek(0)
-            raise AssertionError(f"vllm serve did not start:\n{log.read()[-6000:]}")
-        time.sleep(1)
+    if not wait_until_ok(f"{base}/health", proc, timeout=300):
+        proc.kill()
+        log.seek(0)
+        raise AssertionError(f"vllm serve did not start:\n{log.read()[-6000:]}")
     yield base
     proc.terminate()
     proc.wait(timeout=60)

@@ -3,73 +3,16 @@
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from rope_ext.baselines import pi_set
-from rope_ext.factors import FORMAT_VERSION, FactorSet, Ladder, ModelInfo, save_ladder
+from rope_ext.factors import Ladder
 from rope_ext.model_files import prepare_model
+from rope_ext.tiny_model import TINY_MAX_LEN, build_tiny_model
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a transformers directory (prepared once; scripts/setup.sh already did)."""
     return prepare_model()
-
-
-TINY_W0 = 256
-TINY_MAX_LEN = 1024
-
-
-def tiny_ladder() -> Ladder:
-    """short (λ = 1) at W0, PI at 2·W0, a λ ramp 1 → 4 with n̂ = 4 at 4·W0: sets that clearly differ."""
-    info = ModelInfo(name="tiny-llama", rope_theta=10000.0, rotary_dim=64, original_window=TINY_W0)
-    ramp = [1.0 + 3.0 * i / 31 for i in range(32)]
-    return Ladder(
-        format_version=FORMAT_VERSION,
-        model=info,
-        sets=[
-            FactorSet(name="short", window=TINY_W0, factors=[1.0] * 32),
-            FactorSet(name="mid", window=2 * TINY_W0, factors=pi_set(info, 2 * TINY_W0).factors),
-            FactorSet(name="long", window=TINY_MAX_LEN, factors=ramp, n_hat=4),
-        ],
-    )
-
-
-def build_tiny_model(root: Path, tokenizer_dir: Path) -> tuple[Path, Path, Ladder]:
-    """(model dir, factor file, ladder) under ``root``. The config carries the ladder's short and long
-    sets as a Phi-3 style longrope config, so stock vLLM and plain `vllm serve` see a longrope model too.
-    The benchmarks build it as well (bench/load)."""
-    ladder = tiny_ladder()
-    model_dir = root / "tiny-llama"
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=TINY_MAX_LEN,
-        initializer_range=0.2,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": 10000.0,
-            "original_max_position_embeddings": TINY_W0,
-            "short_factor": ladder.sets[0].factors,
-            "long_factor": ladder.sets[-1].factors,
-        },
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
-    factors = root / "tiny-ladder.json"
-    save_ladder(ladder, factors)
-    return model_dir, factors, ladder
 
 
 @pytest.fixture(scope="session")

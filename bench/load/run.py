@@ -122,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from rope_ext.model_files import prepare_model
-    from tests.conftest import build_tiny_model
+    from rope_ext.tiny_model import build_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="load-"))
     model, factors, _ = build_tiny_model(tmp, prepare_model())
@@ -154,7 +154,7 @@ def main() -> None:
         "command": "python -m bench.load.run",
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "server": {"model": "tiny random-weight Llama (tests/conftest.py)", "ladder": "short 256, mid 512, long 1024",
+        "server": {"model": "tiny random-weight Llama (rope_ext/tiny_model.py)", "ladder": "short 256, mid 512, long 1024",
                    "policy": "dynamic", "engine_flags": ENGINE},
         "requests": args.requests, "concurrency": args.concurrency, "seconds": round(elapsed, 1),
         "by_kind": by_kind, "requests_promoted": promoted, "errors": len(errors), "error_samples": errors[:5],

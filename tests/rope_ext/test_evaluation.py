@@ -19,7 +19,7 @@ from rope_ext.evaluation import load_model, method_sets
 from rope_ext.factors import load_ladder
 from rope_ext.passkey import needle_samples, passkey_sample, passkey_trials
 from rope_ext.perplexity import Sample, documents, perplexity
-from tests.conftest import TINY_MAX_LEN, TINY_W0
+from rope_ext.tiny_model import TINY_MAX_LEN, TINY_W0
 
 BOOK = BOOKS_DIR / "moby-dick.txt"
 
@@ -94,8 +94,9 @@ def test_method_sets_follow_the_regime_rule(tiny):
     *_, ladder, _, _ = tiny
     at_mid = method_sets(ladder, 2 * TINY_W0)
     assert at_mid["ladder"] is ladder.sets[1]  # 511 prompt tokens + 1 fit "mid" exactly
-    assert at_mid["pi"].factors == [2.0] * 32
-    assert "ladder" not in method_sets(ladder, 2 * TINY_MAX_LEN)
+    assert at_mid["pi"].factors == [4.0] * 32  # static: built for the ladder's longest window
+    beyond = method_sets(ladder, 2 * TINY_MAX_LEN)
+    assert "ladder" not in beyond and beyond["pi"].factors == [8.0] * 32
 
 
 def test_eval_ppl_command_writes_json_and_png(tiny, tmp_path):

@@ -6,9 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
+from rope_ext.tiny_model import tiny_ladder
 from server.app import create_app
 from server.settings import ServerSettings
-from tests.conftest import tiny_ladder
 
 QUESTION = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

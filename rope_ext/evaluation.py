@@ -2,8 +2,9 @@
 
 Methods compared at a length L (names used in reports and ``--methods``):
 - ``plain``: RoPE without scaling (λ = 1, attention scale 1);
-- ``pi``, ``ntk``, ``yarn``: each baseline built for max(L, W0), i.e. the best that method
-  can do at that length (NTK at one fixed length is what dynamic NTK computes there);
+- ``pi``, ``ntk``, ``yarn``: each baseline built for the ladder's longest window (or L when
+  longer), the way a deployment with one static set runs every request (at that window,
+  NTK is what dynamic NTK computes there);
 - ``set:<name>``: one set of the factor file, whatever L is;
 - ``ladder``: the set the server would start an L-token request in (the regime rule itself).
 """
@@ -41,7 +42,7 @@ def load_model(model_dir: Path | None, max_positions: int, device: str = "cpu") 
 def method_sets(ladder: Ladder, length: int) -> dict[str, FactorSet | None]:
     """Every method's set for sequences of ``length`` tokens."""
     info = ladder.model
-    window = max(length, info.original_window)
+    window = max(length, ladder.max_window)
     methods: dict[str, FactorSet] = {"plain": baselines.plain_set(info).model_copy(update={"name": "plain"})}
     methods |= {name: make(info, window) for name, make in baselines.METHODS.items()}
     methods |= {f"set:{fs.name}": fs for fs in ladder.sets}

@@ -126,7 +126,7 @@ class SearchConfig:
 class Evaluated:
     genome: Genome
     ppl: float
-    origin: str  # "pi" / "ntk" / "yarn" / "mutant" / "crossover"
+    origin: str  # "pi" / "ntk" / "yarn" / "plain" / "mutant" / "crossover"
     iteration: int
 
 
@@ -137,10 +137,15 @@ class SearchResult:
 
 
 def seed_genomes(info: ModelInfo, window: int, space: SearchSpace) -> dict[str, Genome]:
-    """PI, NTK and YaRN for this window, projected into the search space."""
+    """PI, NTK and YaRN for this window, projected into the search space.
+
+    At or below W0 the three are all plain RoPE (λ = 1), the one seed of a short-set search.
+    """
+    if window <= info.original_window:
+        return {"plain": space.project([1.0] * space.dims, 0)}
     seeds: dict[str, Genome] = {}
     for method, make in baselines.METHODS.items():
-        fs = make(info, max(window, info.original_window))
+        fs = make(info, window)
         seeds[method] = space.project(fs.factors, fs.n_hat)
     return seeds
 

@@ -110,7 +110,7 @@ class SearchRun:
 
 def search_summary(result: SearchResult, config: SearchConfig, space: SearchSpace) -> dict:
     """The numbers worth keeping beside the factor file."""
-    seeds = {e.origin: e.ppl for e in result.history if e.origin in ("pi", "ntk", "yarn")}
+    seeds = {e.origin: e.ppl for e in result.history if e.iteration == 0 and e.origin != "mutant"}
     return {
         "config": asdict(config),
         "space": {"mode": space.mode, "bounds": list(space.bounds), "critical": space.critical},

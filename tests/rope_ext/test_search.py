@@ -61,6 +61,12 @@ def test_seeds_are_the_baselines():
     assert seeds["yarn"].factors == tuple(round(v, 2) for v in yarn_factors(SMOL, 2.0))
 
 
+def test_a_short_set_search_starts_from_plain_rope():
+    space = SearchSpace.for_model(SMOL, 8192)
+    assert space.bounds == (1.0, 1.25)
+    assert seed_genomes(SMOL, 8192, space) == {"plain": Genome((1.0,) * 32, 0)}
+
+
 def test_mutants_and_children_stay_in_the_space():
     rng = random.Random(1)
     space = SearchSpace.for_model(SMOL, 32768)

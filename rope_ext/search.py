@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,9 +64,8 @@ class SearchSpace:
     """Where genomes may lie; :meth:`project` maps any proposal onto a valid genome."""
 
     dims: int
-    scale: float
-    lower: float = 1.0
-    upper: float | None = None  # default 1.25·s (v1) or 2·s (v2)
+    lower: float
+    upper: float
     mode: Mode = "v1"
     critical: int = 0  # v2 only: the critical dimension index (dimensions below it are tied)
 
@@ -75,12 +74,12 @@ class SearchSpace:
                   upper: float | None = None) -> SearchSpace:
         scale = max(window / info.original_window, 1.0)
         if mode == "v2":
-            return cls(info.rotary_dim // 2, scale, lower or scale, upper or 2 * scale, "v2", critical_dimension(info))
-        return cls(info.rotary_dim // 2, scale, lower or 1.0, upper or 1.25 * scale, "v1")
+            return cls(info.rotary_dim // 2, lower or scale, upper or 2 * scale, "v2", critical_dimension(info))
+        return cls(info.rotary_dim // 2, lower or 1.0, upper or 1.25 * scale, "v1")
 
     @property
     def bounds(self) -> tuple[float, float]:
-        return self.lower, self.upper if self.upper is not None else 1.25 * self.scale
+        return self.lower, self.upper
 
     def project(self, factors: Sequence[float], n_hat: int) -> Genome:
         """Round to the grid, clip to the bounds, make λ non-decreasing; v2 ties the low dims.
@@ -166,7 +165,7 @@ def crossover(a: Genome, b: Genome, space: SearchSpace, rng: random.Random) -> G
     return space.project(factors, a.n_hat if rng.random() < 0.5 else b.n_hat)
 
 
-def _fresh(make: Callable[[], Genome], seen: set[str], tries: int = 20) -> Genome | None:
+def _fresh(make: Callable[[], Genome], seen: Container[str], tries: int = 20) -> Genome | None:
     """A proposal not evaluated yet, or None when ``tries`` proposals were all repeats."""
     for _ in range(tries):
         genome = make()
@@ -195,6 +194,9 @@ def evolve(
         on_evaluated(done)
         return done
 
+    def mutant_of(genome: Genome) -> Genome:
+        return mutate(genome, space, rng, config.mutation_prob, config.mutation_sigma)
+
     population: list[Evaluated] = []
     seeds = seed_genomes(info, window, space)
     for origin, genome in seeds.items():
@@ -202,8 +204,7 @@ def evolve(
             population.append(evaluate(genome, origin, 0))
     seed_list = list(seeds.values())
     while len(population) < config.population:
-        genome = _fresh(lambda: mutate(rng.choice(seed_list), space, rng, config.mutation_prob, config.mutation_sigma),
-                        set(seen))
+        genome = _fresh(lambda: mutant_of(rng.choice(seed_list)), seen)
         if genome is None:
             break
         population.append(evaluate(genome, "mutant", 0))
@@ -212,14 +213,13 @@ def evolve(
         parents = sorted(population, key=lambda e: e.ppl)[: config.parents]
         children: list[Evaluated] = []
         for _ in range(config.mutations):
-            genome = _fresh(lambda: mutate(rng.choice(parents).genome, space, rng, config.mutation_prob,
-                                           config.mutation_sigma), set(seen))
+            genome = _fresh(lambda: mutant_of(rng.choice(parents).genome), seen)
             if genome is not None:
                 children.append(evaluate(genome, "mutant", iteration))
         for _ in range(config.crossovers):
             if len(parents) < 2:
                 break
-            genome = _fresh(lambda: crossover(*(e.genome for e in rng.sample(parents, 2)), space, rng), set(seen))
+            genome = _fresh(lambda: crossover(*(e.genome for e in rng.sample(parents, 2)), space, rng), seen)
             if genome is not None:
                 children.append(evaluate(genome, "crossover", iteration))
         population = parents + children

@@ -147,24 +147,26 @@ def cmd_search(args: argparse.Namespace) -> int:
     arguments = {k: str(v) for k, v in vars(args).items() if k != "func"}
     summary = search_summary(result, config, space) | {"arguments": arguments}
     out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out}: best perplexity {result.best.ppl:.4f} ({result.best.origin}, iteration {result.best.iteration}); "
-          f"seeds {', '.join(f'{k} {v:.4f}' for k, v in summary['seed_ppl'].items())}")
+    best = result.best
+    seeds = ", ".join(f"{k} {v:.4f}" for k, v in summary["seed_ppl"].items())
+    print(f"wrote {out}: best perplexity {best.ppl:.4f} ({best.origin}, iteration {best.iteration}); seeds {seeds}")
     return 0
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from rope_ext.evaluation import perplexity_report, write_report
+    from rope_ext.evaluation import load_model, perplexity_report, write_report
 
-    report = perplexity_report(args.factors, args.model, args.data, args.lengths, args.documents, args.device,
-                               args.methods)
+    model, tokenizer = load_model(args.model, max(args.lengths), args.device)
+    report = perplexity_report(model, tokenizer, args.factors, args.data, args.lengths, args.documents, args.methods)
     write_report(report, args.output, kind="ppl")
     return 0
 
 
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
-    from rope_ext.evaluation import passkey_report, write_report
+    from rope_ext.evaluation import load_model, passkey_report, write_report
 
-    report = passkey_report(args.factors, args.model, args.lengths, args.depths, args.trials, args.seed, args.device,
+    model, tokenizer = load_model(args.model, max(args.lengths), args.device)
+    report = passkey_report(model, tokenizer, args.factors, args.lengths, args.depths, args.trials, args.seed,
                             args.methods)
     write_report(report, args.output, kind="passkey")
     return 0

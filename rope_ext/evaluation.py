@@ -25,9 +25,6 @@ from rope_ext.hf_model import RotatedModel
 from rope_ext.model_files import DEFAULT_LADDER, default_model_dir
 from rope_ext.selection import Policy, choose_set
 
-BASELINES = ("plain", "pi", "ntk", "yarn")
-
-
 def load_model(model_dir: Path | None, max_positions: int, device: str = "cpu") -> tuple[RotatedModel, Any]:
     """The model in float32 (the precision the references use) and its tokenizer."""
     from transformers import AutoTokenizer
@@ -39,7 +36,7 @@ def load_model(model_dir: Path | None, max_positions: int, device: str = "cpu") 
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def method_sets(ladder: Ladder, length: int) -> dict[str, FactorSet | None]:
+def method_sets(ladder: Ladder, length: int) -> dict[str, FactorSet]:
     """Every method's set for sequences of ``length`` tokens."""
     info = ladder.model
     window = max(length, ladder.max_window)
@@ -55,13 +52,15 @@ def _selected(methods: dict[str, FactorSet], wanted: list[str] | None) -> dict[s
     return {k: v for k, v in methods.items() if wanted is None or k in wanted}
 
 
-def perplexity_report(factors: Path | None, model_dir: Path | None, data: Path, lengths: list[int], per_book: int,
-                      device: str = "cpu", wanted: list[str] | None = None) -> dict[str, Any]:
-    """Mean perplexity per length and method, all tokens and past W0 apart, with timings."""
+def perplexity_report(model: RotatedModel, tokenizer: Any, factors: Path | None, data: Path, lengths: list[int],
+                      per_book: int, wanted: list[str] | None = None) -> dict[str, Any]:
+    """Mean perplexity per length and method, all tokens and past W0 apart, with timings.
+
+    ``model`` must hold tables for max(lengths) positions (see :func:`load_model`).
+    """
     from rope_ext.perplexity import book_files, documents, perplexity
 
     ladder = load_ladder(factors or DEFAULT_LADDER)
-    model, tokenizer = load_model(model_dir, max(lengths), device)
     rows = []
     for length in lengths:
         samples = documents(tokenizer, data, length, per_book)
@@ -76,17 +75,17 @@ def perplexity_report(factors: Path | None, model_dir: Path | None, data: Path, 
                   f"{result.past_w0 if result.past_w0 is None else round(result.past_w0, 4)}  ({seconds:.0f} s)",
                   flush=True)
     return {"model": ladder.model.model_dump(), "factors": str(factors or DEFAULT_LADDER),
-            "data": [p.name for p in book_files(data)], "documents_per_book": per_book,
-            "device": device, "torch_threads": torch.get_num_threads(), "results": rows}
+            "data": [p.name for p in book_files(data)],
+            "documents_per_book": per_book, "device": str(model.device), "torch_threads": torch.get_num_threads(),
+            "results": rows}
 
 
-def passkey_report(factors: Path | None, model_dir: Path | None, lengths: list[int], depths: list[float], trials: int,
-                   seed: int, device: str = "cpu", wanted: list[str] | None = None) -> dict[str, Any]:
+def passkey_report(model: RotatedModel, tokenizer: Any, factors: Path | None, lengths: list[int],
+                   depths: list[float], trials: int, seed: int, wanted: list[str] | None = None) -> dict[str, Any]:
     """Accuracy per length and method (and every trial, so depth effects stay visible)."""
     from rope_ext.passkey import passkey_trials
 
     ladder = load_ladder(factors or DEFAULT_LADDER)
-    model, tokenizer = load_model(model_dir, max(lengths), device)
     rows = []
     for length in lengths:
         for method, fs in _selected(method_sets(ladder, length), wanted).items():
@@ -95,8 +94,8 @@ def passkey_report(factors: Path | None, model_dir: Path | None, lengths: list[i
             rows.append({"length": length, "method": method, "set": fs.name, "accuracy": accuracy,
                          "trials": [{"depth": t.depth, "key": t.key, "passed": t.passed} for t in found]})
             print(f"{length:>6} {method:<14} passkey accuracy {accuracy:.2f} ({len(found)} trials)", flush=True)
-    return {"model": ladder.model.model_dump(), "factors": str(factors or DEFAULT_LADDER), "depths": depths,
-            "trials_per_cell": trials, "seed": seed, "device": device, "results": rows}
+    return {"model": ladder.model.model_dump(), "factors": str(factors or DEFAULT_LADDER), "depths": depths, "trials_per_cell": trials, "seed": seed,
+            "device": str(model.device), "results": rows}
 
 
 def write_report(report: dict[str, Any], output: Path, kind: str) -> None:

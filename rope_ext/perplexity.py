@@ -9,7 +9,6 @@ reported on their own, because that is where the methods differ.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +36,13 @@ def book_files(data: str | Path) -> list[Path]:
     return files
 
 
-def documents(tokenizer, data: str | Path | Iterable[Path], length: int, per_book: int = 1) -> list[Sample]:
+def documents(tokenizer, data: str | Path, length: int, per_book: int = 1) -> list[Sample]:
     """Up to ``per_book`` consecutive ``length``-token chunks from the start of each book.
 
     Books too short for one chunk are skipped; an empty result is an error, since a
     perplexity of nothing would silently read as perfect.
     """
-    files = book_files(data) if isinstance(data, (str, Path)) else list(data)
+    files = book_files(data)
     samples = []
     for path in files:
         ids = tokenizer(book_text(path))["input_ids"]

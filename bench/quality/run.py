@@ -24,6 +24,7 @@ import torch
 
 from rope_ext.corpus import BOOKS_DIR
 from rope_ext.evaluation import load_model, passkey_report, perplexity_report, write_report
+from rope_ext.hf_model import RotatedModel
 from rope_ext.model_files import DEFAULT_LADDER
 from rope_ext.perplexity import documents
 
@@ -31,9 +32,9 @@ HERE = Path(__file__).resolve().parent
 METHODS = ["plain", "pi", "ntk", "yarn", "ladder"]
 
 
-def scoring_speed(length: int, data: Path, fast_seconds: float, fast_ppl: float) -> dict:
+def scoring_speed(model: RotatedModel, tokenizer, length: int, data: Path, fast_seconds: float,
+                  fast_ppl: float) -> dict:
     """Plain transformers forward on the same tokens the report scored with the plain set."""
-    model, tokenizer = load_model(None, length)
     ids = documents(tokenizer, data, length)[0].ids
     model.use(None)
     start = time.perf_counter()
@@ -60,18 +61,19 @@ def main() -> None:
     args = parser.parse_args()
     data = BOOKS_DIR / args.book
     lengths = [int(v) for v in args.lengths.split(",")]
+    passkey_lengths = [int(v) for v in args.passkey_lengths.split(",")]
     started = time.time()
+    model, tokenizer = load_model(None, max(lengths + passkey_lengths))
 
-    ppl = perplexity_report(DEFAULT_LADDER, None, data, lengths, 1, wanted=METHODS)
+    ppl = perplexity_report(model, tokenizer, DEFAULT_LADDER, data, lengths, 1, wanted=METHODS)
     write_report(ppl, HERE / "ppl.json", kind="ppl")
     longest = max(lengths)
     plain_row = next(r for r in ppl["results"] if r["length"] == longest and r["method"] == "plain")
-    speed = scoring_speed(longest, data, plain_row["seconds"], plain_row["ppl"])
+    speed = scoring_speed(model, tokenizer, longest, data, plain_row["seconds"], plain_row["ppl"])
     print(json.dumps(speed, indent=2), flush=True)
 
-    passkey = passkey_report(DEFAULT_LADDER, None, [int(v) for v in args.passkey_lengths.split(",")],
-                             [float(v) for v in args.depths.split(",")], 1, 0,
-                             wanted=args.passkey_methods.split(","))
+    passkey = passkey_report(model, tokenizer, DEFAULT_LADDER, passkey_lengths,
+                             [float(v) for v in args.depths.split(",")], 1, 0, wanted=args.passkey_methods.split(","))
     write_report(passkey, HERE / "passkey.json", kind="passkey")
 
     results = {

@@ -42,13 +42,20 @@ class RotatedModel:
         self.info = info
         self.max_positions = max_positions
         self.plain_rotary = self.model.model.rotary_emb
+        self.active: FactorSet | None = None
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def use(self, factor_set: FactorSet | None) -> None:
-        """Rotate with ``factor_set``; None restores the model's own rotary embedding."""
+        """Rotate with ``factor_set``; None restores the model's own rotary embedding.
+
+        Asking again for the set already in use keeps its tables (callers switch per step).
+        """
+        if factor_set == self.active:
+            return
+        self.active = factor_set
         if factor_set is None:
             self.model.model.rotary_emb = self.plain_rotary
             return

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rope_ext.factors import FactorSet, Ladder
+from rope_ext.factors import Ladder
 from rope_ext.hf_model import RotatedModel
 
 
@@ -25,9 +25,6 @@ class ReferenceModel:
         self.model = self.rotated.model
         self.ladder = ladder
 
-    def _use(self, fs: FactorSet) -> None:
-        self.rotated.use(fs)
-
     @torch.no_grad()
     def _logprobs(self, ids: list[int]) -> torch.Tensor:
         logits = self.model(torch.tensor([ids])).logits[0].float()
@@ -36,13 +33,13 @@ class ReferenceModel:
     def run(self, prompt: list[int], max_tokens: int, set_name: str, switch_to: str | None = None,
             switch_at: int | None = None) -> Reference:
         """Greedy decode recomputing everything each step; optionally switch sets at a sequence length."""
-        self._use(self.ladder.sets[self.ladder.index_of(set_name)])
+        self.rotated.use(self.ladder.sets[self.ladder.index_of(set_name)])
         lp = self._logprobs(prompt)
         prompt_lp = lp[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
         ids, out, out_lp = list(prompt), [], []
         for _ in range(max_tokens):
             if switch_to and len(ids) >= switch_at:
-                self._use(self.ladder.sets[self.ladder.index_of(switch_to)])
+                self.rotated.use(self.ladder.sets[self.ladder.index_of(switch_to)])
             last = self._logprobs(ids)[-1]
             token = int(last.argmax())
             out.append(token)

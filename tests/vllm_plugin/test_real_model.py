@@ -5,12 +5,13 @@ and eager, so the engine matches transformers (compiled bfloat16 flips this clos
 """
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from rope_ext.cli import main
 from rope_ext.corpus import BOOKS_DIR, book_text
+from rope_ext.factors import load_ladder
 from tests.vllm_plugin.conftest import run_engine
+from tests.vllm_plugin.reference import ReferenceModel, assert_greedy_matches
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER_TOKENS = 16
@@ -25,20 +26,23 @@ def prompts(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def plain_answer(smollm2_dir, prompts):
-    """The plain model's greedy answer (transformers, float32, its own RoPE)."""
-    _, short, _ = prompts
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    out = model.generate(torch.tensor([short]), max_new_tokens=ANSWER_TOKENS, do_sample=False)
-    return out[0, len(short) :].tolist()
+def factors(smollm2_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("smollm2") / "yarn-16k.json"
+    assert main(["factors", "baseline", "--method", "yarn", "--model", str(smollm2_dir), "--window", "16384",
+                 "-o", str(path)]) == 0
+    return path
 
 
 @pytest.fixture(scope="module")
-def engine_answers(smollm2_dir, prompts, tmp_path_factory):
+def plain_answer(smollm2_dir, prompts, factors):
+    """The plain model's greedy answer (transformers, float32, its own RoPE)."""
+    reference = ReferenceModel(smollm2_dir, load_ladder(factors), 16384)
+    return reference.run(prompts[1], ANSWER_TOKENS, None, eos_token_id=prompts[0].eos_token_id)
+
+
+@pytest.fixture(scope="module")
+def engine_answers(smollm2_dir, prompts, factors, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smollm2")
-    factors = tmp / "yarn-16k.json"
-    assert main(["factors", "baseline", "--method", "yarn", "--model", str(smollm2_dir), "--window", "16384",
-                 "-o", str(factors)]) == 0
     _, short, long = prompts
     requests = [
         {"prompt_token_ids": short, "max_tokens": ANSWER_TOKENS, "prompt_logprobs": False},
@@ -54,7 +58,7 @@ def engine_answers(smollm2_dir, prompts, tmp_path_factory):
 def test_short_answer_is_the_plain_models(engine_answers, plain_answer, prompts):
     tokenizer = prompts[0]
     alone, beside_long, long = engine_answers["results"]
-    assert "Paris" in tokenizer.decode(plain_answer)
-    assert alone["tokens"] == plain_answer
-    assert beside_long["tokens"] == alone["tokens"]
+    assert "Paris" in tokenizer.decode(plain_answer.tokens)
+    for where, answer in (("alone", alone), ("beside a long request", beside_long)):
+        assert_greedy_matches(plain_answer, answer["tokens"], answer["token_logprobs"], where)
     assert len(long["tokens"]) == 4

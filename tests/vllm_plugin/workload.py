@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import random
 
-# Float32 vLLM CPU kernels against float32 transformers, one tolerance for every set.
-# Measured here: largest difference 5e-5 nats (a 600-token prompt in the long set).
-LOGPROB_TOLERANCE = 2e-4
-
 ENGINE = {
     "dtype": "float32",
     "max_model_len": 1024,
@@ -59,8 +55,12 @@ def mixed_batch() -> list[dict]:
 
 
 def preempting_batch() -> list[dict]:
-    """Four long decodes (350 tokens, 11 blocks each) of two sets that outgrow the cache together."""
-    rng = random.Random(1)
+    """Four long decodes (350 tokens, 11 blocks each) of two sets that outgrow the cache together.
+
+    Seed 9: the first whose four references have no near-tie (reference.py) in their first 110
+    steps, so more than half of each decode is compared (seed 1 met exact ties at steps 30-145).
+    """
+    rng = random.Random(9)
     return [
         {"prompt_token_ids": _prompt(rng, 150), "max_tokens": 200, "rope_set": name}
         for name in ("mid", "long", "mid", "long")

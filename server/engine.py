@@ -16,7 +16,6 @@ from server.settings import ServerSettings
 logger = logging.getLogger("longrope.server")
 
 
-
 def resolve_factors(settings: ServerSettings) -> Path | None:
     """--factors, else the shipped ladder when serving the default model, else None (the model's config)."""
     if settings.factors:
@@ -31,8 +30,13 @@ def build_engine_args(settings: ServerSettings, engine_argv: list[str]) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from vllm.platforms import current_platform
+
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="longrope serve"))
-    args = parser.parse_args(["--model", str(settings.model), *engine_argv])
+    # float32 on CPU: vLLM's CPU default, bfloat16 with torch.compile, flips close first tokens
+    # (SmolLM2 answers "L'Étoile…" instead of "Paris"). A --dtype flag still wins: the last one counts.
+    defaults = ["--dtype", "float32"] if current_platform.is_cpu() else []
+    args = parser.parse_args(["--model", str(settings.model), *defaults, *engine_argv])
     engine_args = AsyncEngineArgs.from_cli_args(args)
     engine_args.served_model_name = settings.model_name
     engine_args.disable_log_stats = False  # /metrics shows the engine's counters

@@ -153,3 +153,26 @@ def test_compose_mounts_exist_and_prometheus_targets_the_server():
     assert compose["services"]["longrope-serve"]["build"]["target"] == "cpu"
     assert re.fullmatch(r"\d+s", compose["services"]["longrope-serve"]["stop_grace_period"])
     assert os.path.basename(compose["services"]["longrope-serve"]["build"]["context"]) == ".."
+
+
+def test_every_server_gets_a_sized_dev_shm():
+    """vLLM's engine processes talk through /dev/shm: Docker's 64 MB default kills the engine at start."""
+    compose = yaml.safe_load((REPO / "deploy" / "compose" / "docker-compose.yml").read_text())
+    assert compose["services"]["longrope-serve"]["shm_size"] == "1gb"
+    servers = [p for p in manifests() if yaml.safe_load(p.read_text())["kind"] in ("Deployment", "StatefulSet")]
+    assert len(servers) == 4
+    for path in servers:
+        pod = yaml.safe_load(path.read_text())["spec"]["template"]["spec"]
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        shm = next(name for name, mount in mounts.items() if mount == "/dev/shm")
+        assert volumes[shm]["emptyDir"]["medium"] == "Memory", path
+        assert volumes[shm]["emptyDir"]["sizeLimit"].endswith("Gi"), path
+
+
+def test_cpu_serves_float32_unless_a_dtype_is_given(smollm2_dir):
+    """vLLM's CPU default (bfloat16 with torch.compile) flips SmolLM2's "Paris": the image and
+    `longrope serve` with no flags must run float32; an explicit --dtype still wins."""
+    settings = ServerSettings(model=smollm2_dir)
+    assert build_engine_args(settings, []).dtype == "float32"
+    assert build_engine_args(settings, ["--dtype", "bfloat16"]).dtype == "bfloat16"

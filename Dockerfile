@@ -52,6 +52,8 @@ ENTRYPOINT ["longrope", "serve"]
 
 # ---- GPU (default): on vLLM's own image, with Ray for multi-node serving ----
 FROM ${VLLM_IMAGE} AS gpu
+# Ray runs the multi-node manifests (ray start, --distributed-executor-backend ray).
+ARG GPU_EXTRAS=ray
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     LONGROPE_HOST=0.0.0.0 LONGROPE_PORT=8000 LONGROPE_MODEL=/models/model
 RUN groupadd --system --gid 10001 longrope \
@@ -60,9 +62,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY rope_ext ./rope_ext
 COPY server ./server
-# No [gpu] extra: vLLM (and Ray) are the base image's, so pip adds only what they lack and
-# leaves vLLM's resolution as it is.
-RUN python3 -m pip install .
+# No [gpu] extra: vLLM is the base image's, so pip adds only what it lacks and leaves vLLM's
+# resolution as it is.
+RUN python3 -m pip install "./[${GPU_EXTRAS}]"
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \

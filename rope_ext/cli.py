@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+from rope_ext.baselines import METHODS
 from rope_ext.factors import Ladder, json_schema, load_ladder, save_ladder
+from rope_ext.search import SearchConfig
 
 
 def _print_table(ladder: Ladder) -> None:
@@ -120,7 +123,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from rope_ext.evaluation import load_model
     from rope_ext.perplexity import documents
-    from rope_ext.search import SearchConfig, SearchSpace
+    from rope_ext.search import SearchSpace
     from rope_ext.search_run import SearchRun, search_summary
 
     model, tokenizer = load_model(args.model, args.window, args.device)
@@ -133,11 +136,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         samples = documents(tokenizer, args.data, args.window, args.documents)
     space = SearchSpace.for_model(info, args.window, args.mode, args.lambda_min, args.lambda_max)
-    config = SearchConfig(
-        population=args.population, iterations=args.iterations, parents=args.parents, mutations=args.mutations,
-        crossovers=args.crossovers, mutation_prob=args.mutation_prob,
-        mutation_sigma=args.mutation_sigma, seed=args.seed,
-    )
+    config = SearchConfig(**{setting.name: getattr(args, setting.name) for setting in fields(SearchConfig)})
     out: Path = args.output
     run = SearchRun(model, samples, args.window, space, config,
                     cache_path=args.cache or out.with_name(out.stem + ".cache.jsonl"),
@@ -194,16 +193,11 @@ def _add_search_parser(sub) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="factor file to write (one set)")
     p.add_argument("--name", help="set name (default: short at W0, long above)")
     p.add_argument("--mode", choices=["v1", "v2"], default="v1", help="v2: LongRoPE2 critical-dimension search")
-    p.add_argument("--population", type=int, default=64)
-    p.add_argument("--iterations", type=int, default=40)
-    p.add_argument("--parents", type=int, default=32)
-    p.add_argument("--mutations", type=int, default=16)
-    p.add_argument("--crossovers", type=int, default=16)
-    p.add_argument("--mutation-prob", type=float, default=0.3)
-    p.add_argument("--mutation-sigma", type=float, default=0.1, help="relative size of a λ mutation step")
+    for setting in fields(SearchConfig):  # --population, --iterations, …: SearchConfig holds the defaults
+        p.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default,
+                       help=setting.metadata.get("help"))
     p.add_argument("--lambda-min", type=float, help="lower bound of λ (default 1, v2: s)")
     p.add_argument("--lambda-max", type=float, help="upper bound of λ (default 1.25·s, v2: 2·s)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, help="evaluation cache (default: OUTPUT stem + .cache.jsonl)")
     p.add_argument("--log", type=Path, help="log of every evaluation (default: OUTPUT stem + .log.jsonl)")
     p.set_defaults(func=cmd_search)
@@ -259,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path)
     p.set_defaults(func=cmd_to_hf)
     p = factors.add_parser("baseline", help="two-step ladder: plain RoPE at W0, a baseline method's set at WINDOW")
-    p.add_argument("--method", choices=["pi", "ntk", "yarn"], required=True)
+    p.add_argument("--method", choices=sorted(METHODS), required=True)
     p.add_argument("--model", type=Path, required=True, help="model directory holding config.json")
     p.add_argument("--window", type=int, required=True)
     p.add_argument("-o", "--output", type=Path, required=True)

@@ -112,7 +112,7 @@ class SearchConfig:
     mutations: int = 16
     crossovers: int = 16
     mutation_prob: float = 0.3
-    mutation_sigma: float = 0.1  # relative step of a mutated λ
+    mutation_sigma: float = field(default=0.1, metadata={"help": "relative size of a λ mutation step"})
     seed: int = 0
 
     @property

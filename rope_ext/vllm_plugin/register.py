@@ -63,12 +63,11 @@ def _hash_with_ladder(compute_hash: Callable[..., str]) -> Callable[..., str]:
     return compute_hash_with_ladder
 
 
-def _runner_with_sets(base: type) -> type:
-    from rope_ext.vllm_plugin.runner import PerRequestSetsMixin
-
-    if issubclass(base, PerRequestSetsMixin):
+def _runner_with(base: type, *mixins: type) -> type:
+    """``base`` with ``mixins`` in front, once (register may run again in the same process)."""
+    if all(issubclass(base, mixin) for mixin in mixins):
         return base
-    return type(f"LongRope{base.__name__}", (PerRequestSetsMixin, base), {})
+    return type(f"LongRope{base.__name__}", (*mixins, base), {})
 
 
 def register() -> None:
@@ -77,6 +76,9 @@ def register() -> None:
     import vllm
 
     check_vllm_version(vllm.__version__)
+    from rope_ext.vllm_plugin.vllm_internals import check_internals
+
+    check_internals()
     # The mixin hooks vLLM's V1 model runner; V2 has other internals.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from rope_ext.vllm_plugin.model_ladder import FACTORS_ENV
@@ -97,11 +99,17 @@ def register() -> None:
 
     from vllm.platforms import current_platform
 
+    from rope_ext.vllm_plugin.runner import PerRequestSetsMixin
+
     if current_platform.is_cpu():
         import vllm.v1.worker.cpu_worker as worker_module
 
-        worker_module.CPUModelRunner = _runner_with_sets(worker_module.CPUModelRunner)
+        from rope_ext.vllm_plugin.cpu_generators import SeededCpuGeneratorsMixin
+
+        worker_module.CPUModelRunner = _runner_with(
+            worker_module.CPUModelRunner, PerRequestSetsMixin, SeededCpuGeneratorsMixin
+        )
     else:
         import vllm.v1.worker.gpu_model_runner as runner_module
 
-        runner_module.GPUModelRunner = _runner_with_sets(runner_module.GPUModelRunner)
+        runner_module.GPUModelRunner = _runner_with(runner_module.GPUModelRunner, PerRequestSetsMixin)

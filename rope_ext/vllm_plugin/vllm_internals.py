@@ -27,6 +27,11 @@ class Internal:
 _RUNNER = "vllm.v1.worker.gpu_model_runner"  # the CPU runner subclasses this one
 
 INTERNALS = (
+    Internal("vllm.v1.engine.input_processor", "InputProcessor.__init__",
+             "wraps it: refuses at start an engine the plugin cannot drive (engine_checks.py)"),
+    Internal("vllm.config", "VllmConfig.use_v2_model_runner", "reads it: the V2 model runner is refused"),
+    Internal("vllm.config", "ModelConfig.uses_mrope", "reads it: M-RoPE models are refused"),
+    Internal("vllm.config", "ModelConfig.is_multimodal_model", "reads it: multimodal models are refused"),
     Internal("vllm.v1.engine.input_processor", "InputProcessor.process_inputs",
              "wraps it: each engine request gets its set name and a per-set cache_salt"),
     Internal("vllm.config", "VllmConfig.compute_hash", "wraps it: the compile cache is keyed by the ladder"),
@@ -51,6 +56,11 @@ INTERNALS = (
 # Checked by rope_ext.vllm_cli before it runs vLLM's CLI (not at every engine start: importing the
 # CLI costs every process seconds).
 CLI_INTERNALS = (
+    Internal("vllm.v1.engine.input_processor", "InputProcessor.__init__",
+             "wraps it: refuses at start an engine the plugin cannot drive (engine_checks.py)"),
+    Internal("vllm.config", "VllmConfig.use_v2_model_runner", "reads it: the V2 model runner is refused"),
+    Internal("vllm.config", "ModelConfig.uses_mrope", "reads it: M-RoPE models are refused"),
+    Internal("vllm.config", "ModelConfig.is_multimodal_model", "reads it: multimodal models are refused"),
     Internal("vllm.entrypoints.cli.main", "main",
              "runs it after answering its importlib.metadata.version('vllm') lookup (rope_ext.vllm_cli)"),
 )

@@ -1,0 +1,54 @@
+"""Engines the plugin refuses at start, each refusal naming the setting to change.
+
+Checked when vLLM builds its input processor: before any worker starts, and in the process
+whose error reaches the user first. Each case would otherwise serve silently wrong results:
+the API side would name sets that no worker applies, or offsets would shift positions the
+plugin does not understand.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+from rope_ext.vllm_plugin.model_ladder import ladder_for_model
+
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+class UnsupportedEngine(RuntimeError):
+    pass
+
+
+def check_engine(vllm_config: Any) -> None:
+    """Raise UnsupportedEngine when this engine cannot rotate each request with its own set."""
+    model_config = vllm_config.model_config
+    if model_config is None or ladder_for_model(model_config.hf_config) is None:
+        return
+    if model_config.uses_mrope or model_config.is_multimodal_model:
+        raise UnsupportedEngine(
+            f"longrope plugin: {model_config.model} is multimodal or uses M-RoPE (3-D positions); the plugin shifts "
+            "1-D text positions only. Serve it without a ladder (unset LONGROPE_FACTORS and drop the model's "
+            "longrope rope_scaling) or switch the plugin off with LONGROPE_PLUGIN=0"
+        )
+    if vllm_config.use_v2_model_runner:
+        raise UnsupportedEngine(
+            f"longrope plugin: vLLM's V2 model runner is selected ({V2_RUNNER_ENV}="
+            f"{os.environ.get(V2_RUNNER_ENV, 'unset')}, or a feature that requires V2 such as HiSparse attention or "
+            f"watermarking), and the plugin drives the V1 runner only: every request would get stock RoPE. Set "
+            f"{V2_RUNNER_ENV}=0 and drop those features, or switch the plugin off with LONGROPE_PLUGIN=0"
+        )
+
+
+def checked_at_start(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap ``InputProcessor.__init__`` so an unsupported engine stops before its workers start."""
+
+    @functools.wraps(init)
+    def init_checked(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        check_engine(vllm_config)
+        init(self, vllm_config, *args, **kwargs)
+
+    init_checked.__longrope__ = True  # type: ignore[attr-defined]
+    return init_checked

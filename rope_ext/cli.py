@@ -171,6 +171,16 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from rope_ext.selftest.run import selftest
+
+    parallel = {k: v for k, v in (("tensor_parallel_size", args.tensor_parallel_size),
+                                  ("pipeline_parallel_size", args.pipeline_parallel_size)) if v > 1}
+    if args.distributed_executor_backend:
+        parallel["distributed_executor_backend"] = args.distributed_executor_backend
+    return selftest(args.model, args.workdir, parallel)
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -266,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
     _add_search_parser(sub)
     _add_eval_parser(sub)
+    p = sub.add_parser("selftest", help="prove per-request sets on this machine's vLLM: a table, exit 0 if all pass")
+    p.add_argument("--model", type=Path, help="also check a short and a long request on this model directory "
+                   "(its ladder: $LONGROPE_FACTORS, else its own longrope config)")
+    p.add_argument("--workdir", type=Path, help="keep the tiny model and engine outputs here (default: a temp dir)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="as vllm serve's, for every engine")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, help="as vllm serve's, for every engine")
+    p.add_argument("--distributed-executor-backend", choices=["mp", "ray"], help="as vllm serve's (ray: the [ray] extra)")
+    p.set_defaults(func=cmd_selftest)
     return parser
 
 

@@ -76,7 +76,12 @@ class RotatedModel:
         """
         ids = ids.to(self.device).view(1, -1)
         hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-        targets = ids[0, 1:]
+        return self.score_hidden(hidden, ids[0, 1:])
+
+    @torch.inference_mode()
+    def score_hidden(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``token_scores`` from the decoder's last hidden states, row i predicting targets[i]."""
+        targets = targets.to(self.device)
         nll = torch.empty(targets.numel(), dtype=torch.float32, device=self.device)
         top1 = torch.empty(targets.numel(), dtype=torch.bool, device=self.device)
         for start in range(0, targets.numel(), _SCORE_CHUNK):

@@ -34,9 +34,13 @@ def tiny_ladder() -> Ladder:
     )
 
 
-def build_tiny_model(root: Path, tokenizer_dir: Path) -> tuple[Path, Path, Ladder]:
+def build_tiny_model(root: Path, tokenizer_dir: Path | None) -> tuple[Path, Path, Ladder]:
     """(model dir, factor file, ladder) under ``root``. The config carries the ladder's short and long
-    sets as a Phi-3 style longrope config, so stock vLLM and plain `vllm serve` see a longrope model too."""
+    sets as a Phi-3 style longrope config, so stock vLLM and plain `vllm serve` see a longrope model too.
+
+    Without ``tokenizer_dir`` the model has no tokenizer: an engine then needs
+    ``skip_tokenizer_init`` and token-id prompts (what ``longrope selftest`` sends).
+    """
     ladder = tiny_ladder()
     model_dir = root / "tiny-llama"
     config = LlamaConfig(
@@ -63,7 +67,8 @@ def build_tiny_model(root: Path, tokenizer_dir: Path) -> tuple[Path, Path, Ladde
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    if tokenizer_dir is not None:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
     factors = root / "tiny-ladder.json"
     save_ladder(ladder, factors)
     return model_dir, factors, ladder

@@ -22,7 +22,7 @@ def tiny_model(tmp_path_factory, smollm2_dir) -> tuple[Path, Path, Ladder]:
 
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_model):
-    from tests.vllm_plugin.reference import ReferenceModel
+    from rope_ext.selftest.reference import ReferenceModel
 
     model_dir, _, ladder = tiny_model
     return ReferenceModel(model_dir, ladder, TINY_MAX_LEN)

@@ -85,7 +85,7 @@ def test_service_monitor_scrapes_the_service_port():
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
 
-@pytest.mark.parametrize("variant", ["base", "single-gpu", "multi-gpu", "multi-node-ray"])
+@pytest.mark.parametrize("variant", ["base", "single-gpu", "multi-gpu", "multi-node-ray", "selftest"])
 def test_kustomizations_name_files_that_exist(variant):
     kustomization = yaml.safe_load((KUBE / variant / "kustomization.yaml").read_text())
     for resource in kustomization["resources"]:
@@ -159,8 +159,8 @@ def test_every_server_gets_a_sized_dev_shm():
     """vLLM's engine processes talk through /dev/shm: Docker's 64 MB default kills the engine at start."""
     compose = yaml.safe_load((REPO / "deploy" / "compose" / "docker-compose.yml").read_text())
     assert compose["services"]["longrope-serve"]["shm_size"] == "1gb"
-    servers = [p for p in manifests() if yaml.safe_load(p.read_text())["kind"] in ("Deployment", "StatefulSet")]
-    assert len(servers) == 4
+    servers = [p for p in manifests() if yaml.safe_load(p.read_text())["kind"] in ("Deployment", "StatefulSet", "Job")]
+    assert len(servers) == 5
     for path in servers:
         pod = yaml.safe_load(path.read_text())["spec"]["template"]["spec"]
         mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
@@ -176,3 +176,15 @@ def test_cpu_serves_float32_unless_a_dtype_is_given(smollm2_dir):
     settings = ServerSettings(model=smollm2_dir)
     assert build_engine_args(settings, []).dtype == "float32"
     assert build_engine_args(settings, ["--dtype", "bfloat16"]).dtype == "bfloat16"
+
+
+def test_selftest_job_runs_the_selftest_on_the_served_model_and_ladder():
+    job = yaml.safe_load((KUBE / "selftest" / "job.yaml").read_text())
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["longrope", "selftest", "--model", "/models/model"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/models/model" in mounts
+    factors = next(e["value"] for e in container["env"] if e["name"] == "LONGROPE_FACTORS")
+    assert factors.rsplit("/", 1)[0] in mounts
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert job["spec"]["backoffLimit"] == 0  # a failing row is a result, not a reason to retry

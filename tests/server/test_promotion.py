@@ -19,7 +19,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.server.conftest import start_server, stop_server
-from tests.vllm_plugin.reference import LOGPROB_TOLERANCE, assert_greedy_matches
+from rope_ext.selftest.reference import LOGPROB_TOLERANCE, assert_greedy_matches
 
 PROMPT_LEN, MAX_TOKENS, SWITCH_AT = 240, 40, 256
 

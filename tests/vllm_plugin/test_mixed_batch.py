@@ -11,9 +11,9 @@ Then the same batch on stock vLLM (plugin off) gives the short requests other re
 import pytest
 
 from rope_ext.selection import choose_set
-from tests.vllm_plugin.conftest import run_engine
-from tests.vllm_plugin.reference import LOGPROB_TOLERANCE, assert_greedy_matches
-from tests.vllm_plugin.workload import ENGINE, mixed_batch
+from rope_ext.selftest.engine_run import run_in_process
+from rope_ext.selftest.reference import LOGPROB_TOLERANCE, assert_greedy_matches
+from rope_ext.selftest.workload import ENGINE, mixed_batch
 
 
 def expected_for(ladder, reference, req):
@@ -55,7 +55,7 @@ def test_stock_vllm_gives_short_requests_other_results(tiny_model, expected_mixe
     """Plugin off: vLLM 0.32 uses the long factors for every request once max_model_len > W0."""
     model_dir, _, _ = tiny_model
     spec = {"model": str(model_dir), "engine": {**ENGINE, "enforce_eager": True}, "requests": mixed_batch()}
-    stock = run_engine(spec, {"LONGROPE_PLUGIN": "0"}, tmp_path_factory.mktemp("stock"), "stock")
+    stock = run_in_process(spec, {"LONGROPE_PLUGIN": "0"}, tmp_path_factory.mktemp("stock"), "stock")
     short = [(ref, got) for (name, ref), got in zip(expected_mixed, stock["results"]) if name == "short"]
     assert short
     for ref, got in short:

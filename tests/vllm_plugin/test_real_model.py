@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 from rope_ext.cli import main
 from rope_ext.corpus import BOOKS_DIR, book_text
 from rope_ext.factors import load_ladder
-from tests.vllm_plugin.conftest import run_engine
-from tests.vllm_plugin.reference import ReferenceModel, assert_greedy_matches
+from rope_ext.selftest.engine_run import run_in_process
+from rope_ext.selftest.reference import ReferenceModel, assert_greedy_matches
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER_TOKENS = 16
@@ -52,7 +52,7 @@ def engine_answers(smollm2_dir, prompts, factors, tmp_path_factory):
     engine = {"dtype": "float32", "enforce_eager": True, "max_model_len": 16384, "enable_prefix_caching": False,
               "max_num_batched_tokens": 2048, "seed": 0}
     spec = {"model": str(smollm2_dir), "engine": engine, "requests": requests, "waves": [[0], [1, 2]]}
-    return run_engine(spec, {"LONGROPE_FACTORS": str(factors), "VLLM_CPU_KVCACHE_SPACE": "2"}, tmp, "smollm2")
+    return run_in_process(spec, {"LONGROPE_FACTORS": str(factors), "VLLM_CPU_KVCACHE_SPACE": "2"}, tmp, "smollm2")
 
 
 def test_short_answer_is_the_plain_models(engine_answers, plain_answer, prompts):

@@ -5,12 +5,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rope_ext.factors import load_ladder, save_ladder
 from rope_ext.vllm_plugin.model_ladder import LadderMismatch, check_fits, ladder_for_model
 from rope_ext.vllm_plugin.register import UnsupportedVllm, check_vllm_version, plugin_enabled
 from rope_ext.vllm_plugin.request_sets import salt_for, set_for_request
-from tests.vllm_plugin.conftest import REPO, run_engine
+from rope_ext.selftest.engine_run import EngineRunFailed, run_in_process
+from tests.vllm_plugin.conftest import REPO
 
 
 def test_version_check_names_both_versions():
@@ -75,8 +77,8 @@ def test_engine_start_refuses_a_file_for_another_model(tiny_model, tmp_path):
     save_ladder(wrong, path)
     spec = {"model": str(model_dir), "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
             "requests": []}
-    with pytest.raises(AssertionError) as info:
-        run_engine(spec, {"LONGROPE_FACTORS": str(path)}, tmp_path, "wrong")
+    with pytest.raises(EngineRunFailed) as info:
+        run_in_process(spec, {"LONGROPE_FACTORS": str(path)}, tmp_path, "wrong")
     assert "model.rope_theta is 500000.0, but the served model has rope_theta 10000.0" in str(info.value)
 
 
@@ -116,3 +118,84 @@ def test_a_missing_vllm_internal_is_named():
         check_internals((moved,))
     with pytest.raises(MissingInternal, match="has no input_batch.req_ids"):
         check_runner_state(object(), ("input_batch.req_ids",))
+
+
+def test_v2_model_runner_is_refused_at_start(tiny_model, tmp_path):
+    """An explicit VLLM_USE_V2_MODEL_RUNNER=1 beats the plugin's default; the engine must stop, not
+    serve stock RoPE under set names."""
+    model_dir, factors, _ = tiny_model
+    spec = {"model": str(model_dir), "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
+            "requests": []}
+    with pytest.raises(EngineRunFailed) as info:
+        run_in_process(spec, {"LONGROPE_FACTORS": str(factors), "VLLM_USE_V2_MODEL_RUNNER": "1"}, tmp_path, "v2")
+    assert "V2 model runner is selected (VLLM_USE_V2_MODEL_RUNNER=1" in str(info.value)
+
+
+@pytest.mark.parametrize("mrope,multimodal", [(True, False), (False, True)])
+def test_mrope_and_multimodal_models_are_refused(tiny_model, monkeypatch, mrope, multimodal):
+    from types import SimpleNamespace
+
+    from rope_ext.vllm_plugin.engine_checks import UnsupportedEngine, check_engine
+
+    monkeypatch.delenv("LONGROPE_FACTORS", raising=False)
+    config = json.loads((tiny_model[0] / "config.json").read_text())  # a longrope config: a ladder
+
+    def engine(hf_config, mrope, multimodal):
+        model = SimpleNamespace(hf_config=hf_config, model="m", uses_mrope=mrope, is_multimodal_model=multimodal)
+        return SimpleNamespace(model_config=model, use_v2_model_runner=False)
+
+    with pytest.raises(UnsupportedEngine, match="multimodal or uses M-RoPE"):
+        check_engine(engine(config, mrope, multimodal))
+    check_engine(engine(config, False, False))
+    no_ladder = {k: v for k, v in config.items() if k != "rope_parameters"}
+    check_engine(engine(no_ladder, mrope, multimodal))  # without a ladder the plugin stays out of the way
+
+
+def _rotary_layer(base: float):
+    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    layer = torch.nn.Module()
+    layer.rotary_emb = RotaryEmbedding(64, 64, 1024, base, True, torch.float32)
+    return layer
+
+
+@pytest.fixture
+def vllm_context():
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig()):
+        yield
+
+
+def test_rotary_modules_that_differ_are_refused(tiny_model, vllm_context):
+    """Local and global RoPE bases in one model: one ladder cannot replace both."""
+    from rope_ext.vllm_plugin.runner import swap_rotary
+
+    ladder = tiny_model[2]
+    alike = torch.nn.Sequential(_rotary_layer(10000.0), _rotary_layer(10000.0))
+    assert swap_rotary(alike, ladder, 1024, torch.float32) == 2
+    differ = torch.nn.Sequential(_rotary_layer(10000.0), _rotary_layer(1e6))
+    with pytest.raises(LadderMismatch, match=r"rotary modules differ \(0\.rotary_emb: .*base=10000\.0.*; "
+                                             r"1\.rotary_emb: .*base=1000000\.0"):
+        swap_rotary(differ, ladder, 1024, torch.float32)
+
+
+def test_only_the_language_models_rotary_modules_are_swapped(tiny_model, vllm_context):
+    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    from rope_ext.vllm_plugin.rotary import LadderRotaryEmbedding
+    from rope_ext.vllm_plugin.runner import swap_rotary
+
+    class Multimodal(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = _rotary_layer(1e6)  # another base: would be refused if it were swapped
+            self.language = torch.nn.Sequential(_rotary_layer(10000.0), _rotary_layer(10000.0))
+
+        def get_language_model(self):
+            return self.language
+
+    model = Multimodal()
+    assert swap_rotary(model, tiny_model[2], 1024, torch.float32) == 2
+    assert all(isinstance(layer.rotary_emb, LadderRotaryEmbedding) for layer in model.language)
+    assert type(model.vision.rotary_emb) is RotaryEmbedding

@@ -16,7 +16,7 @@ import pytest
 from rope_ext.hf_config import ladder_from_hf
 from server.probe import free_port, wait_until_ok
 from tests.vllm_plugin.conftest import REPO
-from tests.vllm_plugin.reference import LOGPROB_TOLERANCE, ReferenceModel, assert_greedy_matches
+from rope_ext.selftest.reference import LOGPROB_TOLERANCE, ReferenceModel, assert_greedy_matches
 
 
 @pytest.fixture(scope="module")

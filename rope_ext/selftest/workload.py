@@ -81,12 +81,14 @@ def waves() -> dict[str, list[list[dict]]]:
             "seeded": seeded_waves()}
 
 
-def engine_spec(model_dir: str, engine: dict) -> tuple[dict, dict[str, list[int]]]:
-    """The engine_run spec for every wave, and each group's request indices in it."""
+def engine_spec(model_dir: str, engine: dict, only: tuple[str, ...] | None = None) -> tuple[dict, dict[str, list[int]]]:
+    """The engine_run spec for every wave (or the groups named in ``only``), and each group's request indices."""
     requests: list[dict] = []
     order: list[list[int]] = []
     groups: dict[str, list[int]] = {}
     for name, group in waves().items():
+        if only is not None and name not in only:
+            continue
         groups[name] = []
         for wave in group:
             indices = list(range(len(requests), len(requests) + len(wave)))

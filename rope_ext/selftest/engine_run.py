@@ -1,16 +1,39 @@
 """Runs one vLLM engine over a batch of requests and writes what came out, as JSON.
 
-Each engine runs in its own process (``python -m tests.vllm_plugin.engine_run SPEC OUT``):
-the plugin switch and factor file are environment variables read when vLLM starts, and a
-fresh process frees the engine's memory when it ends.
+Each engine runs in its own process (``run_in_process``, i.e. ``python -m
+rope_ext.selftest.engine_run SPEC OUT``): the plugin switch and factor file are environment
+variables read when vLLM starts, and a fresh process frees the engine's memory when it ends.
 
 SPEC: {"model": dir, "engine": {LLM kwargs},
        "requests": [{"prompt_token_ids", "max_tokens", "rope_set"?, "prompt_logprobs"? (default true), "seed"?}],
        "waves": optional list of lists of request indices sent one after another}
 """
 
+from __future__ import annotations
+
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
+
+
+class EngineRunFailed(AssertionError):
+    """The engine process exited non-zero; the message holds the ends of its output."""
+
+
+def run_in_process(spec: dict, env: dict[str, str], workdir: Path, name: str, timeout: float = 900) -> dict:
+    """Run ``spec`` in a fresh Python process with ``env`` added; return its results."""
+    spec_path, out_path = workdir / f"{name}-spec.json", workdir / f"{name}-out.json"
+    spec_path.write_text(json.dumps(spec))
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env}
+    result = subprocess.run(
+        [sys.executable, "-m", "rope_ext.selftest.engine_run", str(spec_path), str(out_path)],
+        env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise EngineRunFailed(f"engine run {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return json.loads(out_path.read_text())
 
 
 def run(spec: dict) -> dict:
@@ -26,6 +49,7 @@ def run(spec: dict) -> dict:
         return SamplingParams(
             temperature=0.0 if seed is None else 1.0, seed=seed, max_tokens=req["max_tokens"],
             prompt_logprobs=prompt_logprobs, logprobs=0, extra_args=extra,
+            detokenize=not spec["engine"].get("skip_tokenizer_init", False),
         )
 
     requests = spec["requests"]

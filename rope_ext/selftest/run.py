@@ -1,0 +1,170 @@
+"""``longrope selftest``: proof, on this machine's vLLM (CPU or CUDA), that every request is rotated
+with its own factor set.
+
+It builds the tiny three-set model, runs a batch that mixes every set with chunked prefill and
+preemption through the plugin engine, compiled and then eager, and compares each request with
+the transformers reference for its set (``reference.compare``). With ``--model`` it does the same
+for one short and one long request on that model. Each engine runs in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rope_ext.factors import Ladder, save_ladder
+
+MODES = {"compiled": {}, "eager": {"enforce_eager": True}}
+# The tiny model's groups: every set, chunked prefill (mixed) and preemption (preempting).
+TINY_GROUPS = ("mixed", "preempting")
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str
+    set_name: str
+    requests: int = 0
+    steps: int = 0
+    equal: int = 0
+    max_delta: float = 0.0
+    problem: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None and self.requests > 0
+
+
+class Progress:
+    """One line per stage on stderr, with the seconds since the start (engines take minutes)."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.0f} s] {text}", file=sys.stderr, flush=True)
+
+
+def expected_set(ladder: Ladder, request: dict) -> str:
+    """The set the engine must use: the plugin's own rule (pinned, else the budget rule)."""
+    from rope_ext.vllm_plugin.request_sets import ROPE_SET_KEY, set_for_request
+
+    pinned = {ROPE_SET_KEY: request["rope_set"]} if request.get("rope_set") else None
+    return ladder.sets[set_for_request(ladder, len(request["prompt_token_ids"]), request["max_tokens"], pinned)].name
+
+
+def compare_results(model: str, mode: str, ladder: Ladder, requests: list[dict], results: list[dict],
+                    references: list) -> list[Row]:
+    """One row per set: the requests of that set, their compared steps, equal tokens, largest |Δ logprob|."""
+    from rope_ext.selftest.reference import compare
+
+    rows: dict[str, Row] = {name: Row(model, mode, name) for name in ladder.names}
+    for i, (request, got, ref) in enumerate(zip(requests, results, references)):
+        row = rows[expected_set(ladder, request)]
+        prompt_logprobs = got["prompt_logprobs"] if request.get("prompt_logprobs", True) else None
+        result = compare(ref, got["tokens"], got["token_logprobs"], prompt_logprobs)
+        row.requests += 1
+        row.steps += result.steps
+        row.equal += result.equal_tokens
+        row.max_delta = max(row.max_delta, result.max_delta)
+        if result.problem and row.problem is None:
+            row.problem = f"request {i}: {result.problem}"
+    return [row for row in rows.values() if row.requests]
+
+
+def model_requests(ladder: Ladder, vocab_size: int) -> list[dict]:
+    """A short request (the first set) and one just past the first set's window (the next set)."""
+    rng = random.Random(0)
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(100, vocab_size - 1) for _ in range(n)]
+
+    return [{"prompt_token_ids": prompt(32), "max_tokens": 8},
+            {"prompt_token_ids": prompt(ladder.sets[0].window + 32), "max_tokens": 4}]
+
+
+def check(model_dir: Path, factors: Path, ladder: Ladder, spec: dict, label: str, workdir: Path,
+          progress: Progress, parallel: dict) -> list[Row]:
+    """Run ``spec`` through the plugin engine in every mode and compare each request with its reference."""
+    from rope_ext.selftest.engine_run import run_in_process
+    from rope_ext.selftest.reference import ReferenceModel
+
+    outputs = {}
+    for mode, settings in MODES.items():
+        progress(f"{label}: {mode} engine, {len(spec['requests'])} requests")
+        run_spec = {**spec, "engine": {**spec["engine"], **parallel, **settings}}
+        outputs[mode] = run_in_process(run_spec, {"LONGROPE_FACTORS": str(factors)}, workdir, f"{label}-{mode}")
+    progress(f"{label}: transformers references")
+    reference = ReferenceModel(model_dir, ladder, spec["engine"]["max_model_len"])
+    references = [reference.run(r["prompt_token_ids"], r["max_tokens"], expected_set(ladder, r))
+                  for r in spec["requests"]]
+    return [row for mode, out in outputs.items()
+            for row in compare_results(label, mode, ladder, spec["requests"], out["results"], references)]
+
+
+def tiny_check(workdir: Path, progress: Progress, parallel: dict) -> list[Row]:
+    from rope_ext.selftest.workload import ENGINE, engine_spec
+    from rope_ext.tiny_model import build_tiny_model
+
+    progress("building the tiny three-set model")
+    model_dir, factors, ladder = build_tiny_model(workdir, None)
+    spec, _ = engine_spec(str(model_dir), {**ENGINE, "skip_tokenizer_init": True}, only=TINY_GROUPS)
+    return check(model_dir, factors, ladder, spec, "tiny", workdir, progress, parallel)
+
+
+def model_check(model_dir: Path, workdir: Path, progress: Progress, parallel: dict) -> list[Row]:
+    from rope_ext.vllm_plugin.model_ladder import FACTORS_ENV, ladder_for_model
+
+    config = json.loads((model_dir / "config.json").read_text())
+    ladder = ladder_for_model(config)
+    if ladder is None or len(ladder.sets) < 2:
+        raise ValueError(f"{model_dir} has no ladder: set {FACTORS_ENV} to a factor file, or serve a longrope model")
+    factors = Path(os.environ.get(FACTORS_ENV) or workdir / "model-ladder.json")
+    if not os.environ.get(FACTORS_ENV):
+        save_ladder(ladder, factors)
+    engine = {"dtype": "float32", "max_model_len": ladder.sets[-1].window, "max_num_batched_tokens": 2048,
+              "enable_prefix_caching": False, "seed": 0, "skip_tokenizer_init": True}
+    spec = {"model": str(model_dir), "engine": engine, "requests": model_requests(ladder, config["vocab_size"])}
+    return check(model_dir, factors, ladder, spec, model_dir.name, workdir, progress, parallel)
+
+
+def print_table(rows: list[Row]) -> None:
+    print(f"{'model':<16} {'mode':<9} {'set':<10} {'requests':>8} {'tokens equal':>13} {'max |Δ logprob|':>16} pass")
+    for row in rows:
+        print(f"{row.model[:16]:<16} {row.mode:<9} {row.set_name[:10]:<10} {row.requests:>8} "
+              f"{f'{row.equal}/{row.steps}':>13} {row.max_delta:>16.2e} {'yes' if row.passed else 'NO'}")
+    for row in rows:
+        if row.problem:
+            print(f"{row.model} {row.mode} {row.set_name}: {row.problem}")
+
+
+def selftest(model_dir: Path | None, workdir: Path | None, parallel: dict | None = None) -> int:
+    """Run the checks, print the table; 0 only when every row passes.
+
+    ``parallel``: engine arguments such as tensor_parallel_size, given to every engine.
+    """
+    parallel = parallel or {}
+    from rope_ext.selftest.reference import LOGPROB_TOLERANCE, engine_device
+
+    progress = Progress()
+    with tempfile.TemporaryDirectory(prefix="longrope-selftest-") as tmp:
+        work = workdir or Path(tmp)
+        for part in ("tiny", "model"):
+            (work / part).mkdir(parents=True, exist_ok=True)
+        rows = tiny_check(work / "tiny", progress, parallel)
+        if model_dir is not None:
+            rows += model_check(model_dir, work / "model", progress, parallel)
+    setup = ", ".join(f"{k} {v}" for k, v in parallel.items())
+    print(f"engine device {engine_device()}{', ' + setup if setup else ''}, float32, "
+          f"logprob tolerance {LOGPROB_TOLERANCE:g}; "
+          "tokens compared up to each reference's first near-tie")
+    print_table(rows)
+    ok = all(row.passed for row in rows)
+    print("selftest passed" if ok else "selftest FAILED")
+    return 0 if ok else 1

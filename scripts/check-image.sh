@@ -82,7 +82,7 @@ build_start=$(date +%s)
 say "built in $(($(date +%s) - build_start))s, $("${podman[@]}" image inspect -f '{{.Size}}' "$image" | awk '{printf "%.2f GB", $1/1e9}')"
 
 # ---- run with the default command; a loopback port the HEALTHCHECK must follow ----
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(python3 -c 'from server.probe import free_port; print(free_port())')
 run_start=$(date +%s)
 # (podman logs errors when it finds no systemd to time health checks with; they change nothing:
 # the HEALTHCHECK is run by hand below)
@@ -96,8 +96,9 @@ python3 - "$port" "$run_start" <<'EOF' || fail "the server did not serve as expe
 import json
 import sys
 import time
-import urllib.error
 import urllib.request
+
+from server.probe import wait_until_ok
 
 base, started = f"http://127.0.0.1:{sys.argv[1]}", float(sys.argv[2])
 
@@ -113,14 +114,8 @@ def post(path: str, body: dict) -> list[str]:
         return response.read().decode().splitlines()
 
 
-while True:
-    try:
-        get("/health")
-        break
-    except (urllib.error.URLError, OSError):
-        if time.time() > started + 300:
-            sys.exit("not healthy within 5 minutes")
-        time.sleep(2)
+if not wait_until_ok(base + "/health", timeout=started + 300 - time.time(), interval=2):
+    sys.exit("not healthy within 5 minutes")
 print(f"healthy {time.time() - started:.0f}s after start")
 model = json.loads(get("/v1/models"))["data"][0]["id"]
 question = {"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],

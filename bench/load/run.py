@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.servers import longrope_serve
+from server.launch import longrope_serve
 
 HERE = Path(__file__).resolve().parent
 NAME = "tiny"

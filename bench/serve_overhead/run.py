@@ -20,9 +20,10 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from bench.servers import REPO, longrope_serve, vllm_serve
+from server.launch import longrope_serve, vllm_serve
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 ENGINE = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "8192", "--seed", "0"]
 NAME = "smollm2"
 LOADS = [{"concurrency": 1, "prompts": 16}, {"concurrency": 8, "prompts": 48}]

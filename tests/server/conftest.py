@@ -2,59 +2,28 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from server.probe import free_port, wait_until_ok
+from server.launch import ServerDidNotStart, ServerProcess, longrope_serve
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-1"
 
 
-@dataclass
-class Server:
-    base: str
-    proc: subprocess.Popen
-    log: Path
-
-    @property
-    def v1(self) -> str:
-        return f"{self.base}/v1"
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+def start_server(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 400) -> ServerProcess:
+    """A healthy `longrope serve` on loopback (a 2 GiB CPU KV cache unless ``env`` says otherwise)."""
+    server = longrope_serve(args, log, {"VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}, cwd=REPO,
+                            start_timeout=timeout)
+    try:
+        return server.start()
+    except ServerDidNotStart as exc:
+        raise AssertionError(str(exc)) from None
 
 
-def start_server(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 400) -> Server:
-    port = free_port()
-    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
-    full_env.pop("LONGROPE_FACTORS", None)
-    handle = log.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rope_ext.cli", "serve", "--port", str(port), *args],
-        cwd=REPO, env=full_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
-    if not wait_until_ok(f"{server.base}/health", proc, timeout=timeout):
-        stop_server(server)
-        raise AssertionError(f"longrope serve did not become healthy:\n{server.log_text()[-6000:]}")
-    return server
-
-
-def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait()
+def stop_server(server: ServerProcess) -> None:
+    server.stop()
 
 
 @pytest.fixture(scope="session")

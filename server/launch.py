@@ -1,0 +1,81 @@
+"""A server process on a free loopback port: started, waited for until healthy, stopped.
+
+Tests and benchmarks start `longrope serve` and stock `vllm serve` the same way; this is the
+one place for it. The server runs in its own process group so stopping it also stops vLLM's
+engine processes; SIGTERM first (the server drains), SIGKILL after the grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from server.probe import free_port, wait_until_ok
+
+
+class ServerDidNotStart(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    """``argv`` (with ``{port}`` filled in) serves on 127.0.0.1; a context manager, or start()/stop()."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str | None] | None = None,
+                 cwd: Path | None = None, start_timeout: float = 600, stop_timeout: float = 60):
+        self.port = free_port()
+        self.argv = [arg.format(port=self.port) for arg in argv]
+        self.env, self.log, self.cwd = env or {}, log, cwd
+        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base}/v1"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def start(self) -> ServerProcess:
+        """Start it and wait until /health answers 200; ServerDidNotStart (with the log's end) otherwise."""
+        env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}  # None: unset it
+        with self.log.open("w") as handle:
+            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        if not wait_until_ok(f"{self.base}/health", self.proc, timeout=self.start_timeout):
+            self.stop()
+            raise ServerDidNotStart(f"{self.argv[:4]} did not become healthy; {self.log}:\n{self.log_text()[-6000:]}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def longrope_serve(args: list[str], log: Path, env: dict[str, str | None] | None = None, **kwargs) -> ServerProcess:
+    """`longrope serve` with ``args``; LONGROPE_FACTORS from the caller's environment is not inherited."""
+    argv = [sys.executable, "-m", "rope_ext.cli", "serve", "--port", "{port}", *args]
+    return ServerProcess(argv, log, {"LONGROPE_FACTORS": None, **(env or {})}, **kwargs)
+
+
+def vllm_serve(model: str, args: list[str], log: Path, env: dict[str, str | None] | None = None,
+               **kwargs) -> ServerProcess:
+    """Stock `vllm serve` (the plugin switched off)."""
+    argv = [sys.executable, "-m", "rope_ext.vllm_cli", "serve", model, "--host", "127.0.0.1", "--port", "{port}",
+            *args]
+    return ServerProcess(argv, log, {"LONGROPE_PLUGIN": "0", **(env or {})}, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,17 @@ def build_engine_args(settings: ServerSettings, engine_argv: list[str]) -> Any:
 
 
 class ServedModel:
-    """Starts the engine off the event loop so /health can say 503 while it loads."""
+    """Starts the engine off the event loop so /health can say 503 while it loads.
 
-    def __init__(self, settings: ServerSettings, engine_argv: list[str]):
+    ``on_start_failure`` is called when the engine cannot start: the server then stops and the
+    process exits non-zero, instead of answering 503 forever.
+    """
+
+    def __init__(self, settings: ServerSettings, engine_args: Any,
+                 on_start_failure: Callable[[], None] | None = None):
         self.settings = settings
-        self.engine_argv = engine_argv
+        self.engine_args = engine_args
+        self.on_start_failure = on_start_failure
         self.engine: Any = None
         self.tokenizer: Any = None
         self.ladder: Ladder | None = None
@@ -69,7 +76,7 @@ class ServedModel:
             os.environ[FACTORS_ENV] = str(factors)  # the plugin reads it in every engine process
         else:
             os.environ.pop(FACTORS_ENV, None)
-        engine_args = build_engine_args(self.settings, self.engine_argv)
+        engine_args = self.engine_args
         ladder = ladder_for_model(AutoConfig.from_pretrained(self.settings.model))
         if ladder is None:
             raise ValueError(f"{self.settings.model} has no longrope config; give a factor file with --factors")
@@ -84,9 +91,11 @@ class ServedModel:
         try:
             await asyncio.to_thread(self._build)
             logger.info("engine ready: %s, sets %s", self.settings.model_name, self.ladder.names)
-        except BaseException as exc:  # noqa: BLE001 - reported by /health and the log
+        except Exception as exc:  # noqa: BLE001 - logged, then the process exits non-zero
             self.start_error = exc
             logger.exception("engine failed to start")
+            if self.on_start_failure is not None:
+                self.on_start_failure()
 
     def shutdown(self) -> None:
         if self.engine is not None:

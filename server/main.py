@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from rope_ext.selection import Policy
 
@@ -29,17 +30,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(argv: list[str]) -> int:
+    """Exit 0 after a clean stop; 2 for a bad flag (argparse, before anything starts); 1 when the
+    engine cannot start (the reason is logged to stderr)."""
     import uvicorn
 
     from server.app import create_app
-    from server.engine import ServedModel
+    from server.engine import ServedModel, build_engine_args
     from server.settings import ServerSettings
 
     args, engine_argv = build_parser().parse_known_args(argv)
     settings = ServerSettings(**{k: v for k, v in vars(args).items() if v is not None})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings, ServedModel(settings, engine_argv))
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+    model = ServedModel(settings, build_engine_args(settings, engine_argv))
+    config = uvicorn.Config(create_app(settings, model), host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=settings.drain_timeout)
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    model.on_start_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if model.start_error is not None:
+        print(f"error: the engine failed to start: {model.start_error}", file=sys.stderr)
+        return 1
     return 0

@@ -120,19 +120,34 @@ def test_a_missing_vllm_internal_is_named():
         check_runner_state(object(), ("input_batch.req_ids",))
 
 
-def test_v2_model_runner_is_refused_at_start(tiny_model, tmp_path):
-    """An explicit VLLM_USE_V2_MODEL_RUNNER=1 beats the plugin's default; the engine must stop, not
-    serve stock RoPE under set names."""
+def test_v2_model_runner_stops_the_engine(tiny_model, tmp_path):
+    """An explicit VLLM_USE_V2_MODEL_RUNNER=1 beats the plugin's default. On this CPU vLLM itself
+    refuses V2 (no Triton CPU backend); on CUDA the plugin's check below stops it."""
     model_dir, factors, _ = tiny_model
     spec = {"model": str(model_dir), "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
             "requests": []}
     with pytest.raises(EngineRunFailed) as info:
         run_in_process(spec, {"LONGROPE_FACTORS": str(factors), "VLLM_USE_V2_MODEL_RUNNER": "1"}, tmp_path, "v2")
-    assert "V2 model runner is selected (VLLM_USE_V2_MODEL_RUNNER=1" in str(info.value)
+    assert ("V2 model runner is selected (VLLM_USE_V2_MODEL_RUNNER=1" in str(info.value)
+            or "Model Runner V2 requires Triton" in str(info.value))
 
 
-@pytest.mark.parametrize("mrope,multimodal", [(True, False), (False, True)])
-def test_mrope_and_multimodal_models_are_refused(tiny_model, monkeypatch, mrope, multimodal):
+def test_the_engine_check_runs_when_vllm_builds_its_input_processor(monkeypatch):
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from rope_ext.vllm_plugin.register import register
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")  # register() sets it when unset; restored after
+    register()
+    assert getattr(InputProcessor.__init__, "__longrope__", False)
+
+
+@pytest.mark.parametrize("mrope,multimodal,v2,message", [
+    (True, False, False, "multimodal or uses M-RoPE"),
+    (False, True, False, "multimodal or uses M-RoPE"),
+    (False, False, True, "V2 model runner is selected"),
+])
+def test_engines_the_plugin_cannot_drive_are_refused(tiny_model, monkeypatch, mrope, multimodal, v2, message):
     from types import SimpleNamespace
 
     from rope_ext.vllm_plugin.engine_checks import UnsupportedEngine, check_engine
@@ -140,15 +155,15 @@ def test_mrope_and_multimodal_models_are_refused(tiny_model, monkeypatch, mrope,
     monkeypatch.delenv("LONGROPE_FACTORS", raising=False)
     config = json.loads((tiny_model[0] / "config.json").read_text())  # a longrope config: a ladder
 
-    def engine(hf_config, mrope, multimodal):
+    def engine(hf_config, mrope, multimodal, v2):
         model = SimpleNamespace(hf_config=hf_config, model="m", uses_mrope=mrope, is_multimodal_model=multimodal)
-        return SimpleNamespace(model_config=model, use_v2_model_runner=False)
+        return SimpleNamespace(model_config=model, use_v2_model_runner=v2)
 
-    with pytest.raises(UnsupportedEngine, match="multimodal or uses M-RoPE"):
-        check_engine(engine(config, mrope, multimodal))
-    check_engine(engine(config, False, False))
+    with pytest.raises(UnsupportedEngine, match=message):
+        check_engine(engine(config, mrope, multimodal, v2))
+    check_engine(engine(config, False, False, False))
     no_ladder = {k: v for k, v in config.items() if k != "rope_parameters"}
-    check_engine(engine(no_ladder, mrope, multimodal))  # without a ladder the plugin stays out of the way
+    check_engine(engine(no_ladder, mrope, multimodal, v2))  # without a ladder the plugin stays out of the way
 
 
 def _rotary_layer(base: float):

@@ -1,7 +1,7 @@
 """Plugin overhead: prefill and decode throughput, our per-request rotary vs stock vLLM's, in one run.
 
 Same model (SmolLM2-135M-Instruct, float32), same engine settings, same batches. The two
-engines alternate (stock, plugin, stock, plugin, ...), each in its own process; each engine
+engines alternate (stock, plugin, plugin, stock, ...), each in its own process; each engine
 times every batch several times and keeps the median. The plugin engine gets a two-step
 ladder (plain RoPE to 8192, YaRN to 16384); every request in it runs in the short set
 through the stacked table and per-token offsets, so what is measured is the mechanism's cost.
@@ -79,11 +79,15 @@ def run_engine(mode: str, model: str, factors: str, eager: bool, repeats: int) -
 
 
 def compare(model: Path, factors: Path, eager: bool, rounds: int, repeats: int) -> dict:
-    """Stock and plugin engines alternating for ``rounds``; the best engine of each kind kept."""
+    """Stock and plugin engines alternating for ``rounds``; the best engine of each kind kept.
+
+    The order flips every round (stock, plugin, plugin, stock, ...) so that a drift of the
+    machine over the run favours neither.
+    """
     label = "eager" if eager else "compiled"
     runs: dict[str, list[dict]] = {"stock": [], "plugin": []}
     for r in range(rounds):
-        for mode in ("stock", "plugin"):
+        for mode in ("stock", "plugin") if r % 2 == 0 else ("plugin", "stock"):
             print(f"{label} round {r + 1}/{rounds}: {mode} engine ...", file=sys.stderr, flush=True)
             runs[mode].append(run_engine(mode, str(model), str(factors), eager, repeats))
             print(f"  {runs[mode][-1]['prefill_tokens_per_s']:.0f} prefill tok/s, "

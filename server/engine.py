@@ -26,6 +26,20 @@ def resolve_factors(settings: ServerSettings) -> Path | None:
     return None
 
 
+def export_factors(settings: ServerSettings) -> None:
+    """Check the factor file (a broken one raises, naming the field) and name it in $LONGROPE_FACTORS.
+
+    Runs before vLLM's engine arguments are parsed: that already loads vLLM's plugins, and ours
+    reads the variable when it registers (in this process and every engine process).
+    """
+    factors = resolve_factors(settings)
+    if factors is not None:
+        load_ladder(factors)
+        os.environ[FACTORS_ENV] = str(factors)
+    else:
+        os.environ.pop(FACTORS_ENV, None)
+
+
 def build_engine_args(settings: ServerSettings, engine_argv: list[str]) -> Any:
     """vLLM's AsyncEngineArgs from the flags `longrope serve` did not claim (parallelism, dtype, ...)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -70,12 +84,6 @@ class ServedModel:
         from transformers import AutoConfig, AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        factors = resolve_factors(self.settings)
-        if factors is not None:
-            load_ladder(factors)  # refuse a broken file here, naming the field, before vLLM starts
-            os.environ[FACTORS_ENV] = str(factors)  # the plugin reads it in every engine process
-        else:
-            os.environ.pop(FACTORS_ENV, None)
         engine_args = self.engine_args
         ladder = ladder_for_model(AutoConfig.from_pretrained(self.settings.model))
         if ladder is None:

@@ -30,17 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(argv: list[str]) -> int:
-    """Exit 0 after a clean stop; 2 for a bad flag (argparse, before anything starts); 1 when the
-    engine cannot start (the reason is logged to stderr)."""
+    """Exit 0 after a clean stop; 2 for a bad flag or factor file (before anything starts); 1 when
+    the engine cannot start (the reason is logged to stderr)."""
     import uvicorn
 
     from server.app import create_app
-    from server.engine import ServedModel, build_engine_args
+    from server.engine import ServedModel, build_engine_args, export_factors
     from server.settings import ServerSettings
 
     args, engine_argv = build_parser().parse_known_args(argv)
     settings = ServerSettings(**{k: v for k, v in vars(args).items() if v is not None})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        export_factors(settings)
+    except ValueError as exc:  # FactorFileError names the field
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     model = ServedModel(settings, build_engine_args(settings, engine_argv))
     config = uvicorn.Config(create_app(settings, model), host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=settings.drain_timeout)

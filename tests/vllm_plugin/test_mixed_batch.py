@@ -10,15 +10,14 @@ Then the same batch on stock vLLM (plugin off) gives the short requests other re
 
 import pytest
 
-from rope_ext.selection import choose_set
 from rope_ext.selftest.engine_run import run_in_process
 from rope_ext.selftest.reference import LOGPROB_TOLERANCE, assert_greedy_matches
+from rope_ext.selftest.run import expected_set
 from rope_ext.selftest.workload import ENGINE, mixed_batch
 
 
 def expected_for(ladder, reference, req):
-    index = choose_set(ladder, len(req["prompt_token_ids"]), req["max_tokens"], pinned=req.get("rope_set"))
-    name = ladder.sets[index].name
+    name = expected_set(ladder, req)
     return name, reference.run(req["prompt_token_ids"], req["max_tokens"], name)
 
 

@@ -16,17 +16,21 @@ from pathlib import Path
 from server.probe import free_port, wait_until_ok
 
 
+PORT = "{port}"  # the argument that becomes the chosen port
+
+
 class ServerDidNotStart(RuntimeError):
     pass
 
 
 class ServerProcess:
-    """``argv`` (with ``{port}`` filled in) serves on 127.0.0.1; a context manager, or start()/stop()."""
+    """``argv`` (its PORT argument replaced by a free port) serves on 127.0.0.1; a context manager,
+    or start()/stop()."""
 
     def __init__(self, argv: list[str], log: Path, env: dict[str, str | None] | None = None,
                  cwd: Path | None = None, start_timeout: float = 600, stop_timeout: float = 60):
         self.port = free_port()
-        self.argv = [arg.format(port=self.port) for arg in argv]
+        self.argv = [str(self.port) if arg == PORT else arg for arg in argv]
         self.env, self.log, self.cwd = env or {}, log, cwd
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self.base = f"http://127.0.0.1:{self.port}"
@@ -69,13 +73,12 @@ class ServerProcess:
 
 def longrope_serve(args: list[str], log: Path, env: dict[str, str | None] | None = None, **kwargs) -> ServerProcess:
     """`longrope serve` with ``args``; LONGROPE_FACTORS from the caller's environment is not inherited."""
-    argv = [sys.executable, "-m", "rope_ext.cli", "serve", "--port", "{port}", *args]
+    argv = [sys.executable, "-m", "rope_ext.cli", "serve", "--port", PORT, *args]
     return ServerProcess(argv, log, {"LONGROPE_FACTORS": None, **(env or {})}, **kwargs)
 
 
 def vllm_serve(model: str, args: list[str], log: Path, env: dict[str, str | None] | None = None,
                **kwargs) -> ServerProcess:
     """Stock `vllm serve` (the plugin switched off)."""
-    argv = [sys.executable, "-m", "rope_ext.vllm_cli", "serve", model, "--host", "127.0.0.1", "--port", "{port}",
-            *args]
+    argv = [sys.executable, "-m", "rope_ext.vllm_cli", "serve", model, "--host", "127.0.0.1", "--port", PORT, *args]
     return ServerProcess(argv, log, {"LONGROPE_PLUGIN": "0", **(env or {})}, **kwargs)

@@ -61,15 +61,14 @@ def build_engine_args(settings: ServerSettings, engine_argv: list[str]) -> Any:
 class ServedModel:
     """Starts the engine off the event loop so /health can say 503 while it loads.
 
-    ``on_start_failure`` is called when the engine cannot start: the server then stops and the
-    process exits non-zero, instead of answering 503 forever.
+    ``on_start_failure`` (set by the serve command) is called when the engine cannot start: the
+    server then stops and the process exits non-zero, instead of answering 503 forever.
     """
 
-    def __init__(self, settings: ServerSettings, engine_args: Any,
-                 on_start_failure: Callable[[], None] | None = None):
+    def __init__(self, settings: ServerSettings, engine_args: Any):
         self.settings = settings
         self.engine_args = engine_args
-        self.on_start_failure = on_start_failure
+        self.on_start_failure: Callable[[], None] | None = None
         self.engine: Any = None
         self.tokenizer: Any = None
         self.ladder: Ladder | None = None
@@ -84,16 +83,15 @@ class ServedModel:
         from transformers import AutoConfig, AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        engine_args = self.engine_args
         ladder = ladder_for_model(AutoConfig.from_pretrained(self.settings.model))
         if ladder is None:
             raise ValueError(f"{self.settings.model} has no longrope config; give a factor file with --factors")
-        if engine_args.max_model_len is None:
-            engine_args.max_model_len = ladder.max_window
+        if self.engine_args.max_model_len is None:
+            self.engine_args.max_model_len = ladder.max_window
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model)
         self.ladder = ladder
-        self.max_model_len = engine_args.max_model_len
-        self.engine = AsyncLLM.from_engine_args(engine_args)
+        self.max_model_len = self.engine_args.max_model_len
+        self.engine = AsyncLLM.from_engine_args(self.engine_args)
 
     async def start(self) -> None:
         try:

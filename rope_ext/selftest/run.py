@@ -125,8 +125,10 @@ def model_check(model_dir: Path, workdir: Path, progress: Progress, parallel: di
     ladder = ladder_for_model(config)
     if ladder is None or len(ladder.sets) < 2:
         raise ValueError(f"{model_dir} has no ladder: set {FACTORS_ENV} to a factor file, or serve a longrope model")
-    factors = Path(os.environ.get(FACTORS_ENV) or workdir / "model-ladder.json")
-    if not os.environ.get(FACTORS_ENV):
+    if os.environ.get(FACTORS_ENV):
+        factors = Path(os.environ[FACTORS_ENV])
+    else:  # the model's own longrope config: written out so the engine reads the same ladder
+        factors = workdir / "model-ladder.json"
         save_ladder(ladder, factors)
     engine = {"dtype": "float32", "max_model_len": ladder.sets[-1].window, "max_num_batched_tokens": 2048,
               "enable_prefix_caching": False, "seed": 0, "skip_tokenizer_init": True}

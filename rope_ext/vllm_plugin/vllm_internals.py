@@ -56,11 +56,6 @@ INTERNALS = (
 # Checked by rope_ext.vllm_cli before it runs vLLM's CLI (not at every engine start: importing the
 # CLI costs every process seconds).
 CLI_INTERNALS = (
-    Internal("vllm.v1.engine.input_processor", "InputProcessor.__init__",
-             "wraps it: refuses at start an engine the plugin cannot drive (engine_checks.py)"),
-    Internal("vllm.config", "VllmConfig.use_v2_model_runner", "reads it: the V2 model runner is refused"),
-    Internal("vllm.config", "ModelConfig.uses_mrope", "reads it: M-RoPE models are refused"),
-    Internal("vllm.config", "ModelConfig.is_multimodal_model", "reads it: multimodal models are refused"),
     Internal("vllm.entrypoints.cli.main", "main",
              "runs it after answering its importlib.metadata.version('vllm') lookup (rope_ext.vllm_cli)"),
 )

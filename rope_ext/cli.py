@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # its unknown flags belong to vLLM, so it parses its own arguments
-        from server.main import serve
+        from server.serve import serve
 
         return serve(argv[1:])
     args = build_parser().parse_args(argv)

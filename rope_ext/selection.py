@@ -26,7 +26,7 @@ class ContextLengthExceeded(ValueError):
         where = f"factor set {set_name!r}" if set_name else "this model"
         super().__init__(
             f"This request needs {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
-            f"{max_tokens} to generate), but {where} holds at most {limit} tokens."
+            f"{max_tokens} to generate), more than the context length of {where} ({limit} tokens)."
         )
 
 

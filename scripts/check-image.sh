@@ -87,7 +87,7 @@ run_start=$(date +%s)
 # (podman logs errors when it finds no systemd to time health checks with; they change nothing:
 # the HEALTHCHECK is run by hand below)
 "${podman[@]}" run -d --name "$container" --network host --shm-size 1g "${ulimits[@]}" \
-  -e LONGROPE_HOST=127.0.0.1 -e LONGROPE_PORT="$port" -e LONGROPE_DRAIN_TIMEOUT="$drain" "$image" \
+  -e LONGROPE_HOST=127.0.0.1 -e LONGROPE_PORT="$port" -e LONGROPE_SHUTDOWN_TIMEOUT="$drain" "$image" \
   >/dev/null 2>"$work/run.log" || { cat "$work/run.log"; say "FAIL: the container does not start"; exit 1; }
 fail() { "${podman[@]}" logs --tail 80 "$container" 2>&1 || true; say "FAIL: $*"; exit 1; }
 

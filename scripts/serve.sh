@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
-# On CPU `longrope serve` runs float32 unless --dtype says otherwise (see server/engine.py).
+# On CPU `longrope serve` runs float32 unless --dtype says otherwise (see server/serve.py).
 exec .venv/bin/longrope serve "$@"

@@ -16,7 +16,7 @@ from pathlib import Path
 from server.probe import free_port, wait_until_ok
 
 
-PORT = "{port}"  # the argument that becomes the chosen port
+PORT = "{port}"  # the argument (or environment value) that becomes the chosen port
 
 
 class ServerDidNotStart(RuntimeError):
@@ -24,14 +24,15 @@ class ServerDidNotStart(RuntimeError):
 
 
 class ServerProcess:
-    """``argv`` (its PORT argument replaced by a free port) serves on 127.0.0.1; a context manager,
-    or start()/stop()."""
+    """``argv`` (its PORT argument or environment value replaced by a free port) serves on 127.0.0.1;
+    a context manager, or start()/stop()."""
 
     def __init__(self, argv: list[str], log: Path, env: dict[str, str | None] | None = None,
                  cwd: Path | None = None, start_timeout: float = 600, stop_timeout: float = 60):
         self.port = free_port()
         self.argv = [str(self.port) if arg == PORT else arg for arg in argv]
-        self.env, self.log, self.cwd = env or {}, log, cwd
+        self.env = {k: str(self.port) if v == PORT else v for k, v in (env or {}).items()}
+        self.log, self.cwd = log, cwd
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None

@@ -1,15 +1,16 @@
 """Prometheus metrics by factor set: the one place that names and records them.
 
-Ours live in their own registry and are exposed after vLLM's (``vllm:`` names, default
-registry) on the same /metrics. The server is one API process with one event loop, so plain
-(non-multiprocess) collectors are exact; `longrope serve` offers no worker count to break that.
+Ours live in their own registry, which :meth:`ServerMetrics.expose` hangs into vLLM's, so
+vLLM's own /metrics shows them beside its ``vllm:`` series. The metrics are per API process:
+with ``--api-server-count`` above 1 each process counts the requests it served.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, Metric
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -42,6 +43,28 @@ class EngineGauges(Collector):
             yield gauge
 
 
+class _Ours(Collector):
+    """Our registry as one collector of vLLM's. ``EngineGauges`` reads vLLM's registry, which then
+    holds this collector too: a nested collect yields nothing instead of recursing."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.inside = threading.local()
+
+    def describe(self) -> list[Metric]:
+        """Nothing: registering must not collect (that would read vLLM's registry under its own lock)."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        if getattr(self.inside, "active", False):
+            return
+        self.inside.active = True
+        try:
+            yield from self.registry.collect()
+        finally:
+            self.inside.active = False
+
+
 class ServerMetrics:
     def __init__(self, model: str):
         self.model = model
@@ -71,8 +94,12 @@ class ServerMetrics:
                             ["route", "method", "status"], registry=r)
         r.register(EngineGauges(model))
 
+    def expose(self, registry: CollectorRegistry) -> None:
+        """Show our series on vLLM's /metrics (its registry: ``get_prometheus_registry()``)."""
+        registry.register(_Ours(self.registry))
+
     def choice_done(self, run) -> None:
-        """Record one finished choice (server.generation.ChoiceRun)."""
+        """Record one finished choice (server.engine_client.ChoiceRun)."""
         m = self.model
         self.prompt_tokens.labels(m, run.start_set).inc(run.prompt_tokens)
         self.generation_tokens.labels(m, run.final_set).inc(run.completion_tokens)

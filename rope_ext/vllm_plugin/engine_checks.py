@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from rope_ext.vllm_plugin.model_ladder import ladder_for_model
+from rope_ext.vllm_plugin.model_ladder import ladder_for_engine
 
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
@@ -25,7 +25,7 @@ class UnsupportedEngine(RuntimeError):
 def check_engine(vllm_config: Any) -> None:
     """Raise UnsupportedEngine when this engine cannot rotate each request with its own set."""
     model_config = vllm_config.model_config
-    if model_config is None or ladder_for_model(model_config.hf_config) is None:
+    if model_config is None or ladder_for_engine(vllm_config) is None:
         return
     if model_config.uses_mrope or model_config.is_multimodal_model:
         raise UnsupportedEngine(

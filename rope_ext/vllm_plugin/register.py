@@ -37,10 +37,10 @@ def check_vllm_version(version: str) -> None:
 
 def _ladder_of(processor: Any) -> Ladder | None:
     """The processor's ladder, read once per processor."""
-    from rope_ext.vllm_plugin.model_ladder import ladder_for_model
+    from rope_ext.vllm_plugin.model_ladder import ladder_for_engine
 
     if not hasattr(processor, "_longrope_ladder"):
-        processor._longrope_ladder = ladder_for_model(processor.model_config.hf_config)
+        processor._longrope_ladder = ladder_for_engine(processor.vllm_config)
     return processor._longrope_ladder
 
 
@@ -50,11 +50,11 @@ def _hash_with_ladder(compute_hash: Callable[..., str]) -> Callable[..., str]:
     The ladder lives in a buffer of a module vLLM never traces by source, so without this a
     graph compiled for one ladder (or for stock vLLM) could be loaded for another.
     """
-    from rope_ext.vllm_plugin.model_ladder import ladder_for_model
+    from rope_ext.vllm_plugin.model_ladder import ladder_for_engine
 
     @functools.wraps(compute_hash)
     def compute_hash_with_ladder(self: Any, *args: Any, **kwargs: Any) -> str:
-        ladder = ladder_for_model(self.model_config.hf_config) if self.model_config is not None else None
+        ladder = ladder_for_engine(self) if self.model_config is not None else None
         digest = ladder.model_dump_json() if ladder is not None else "none"
         mixed = f"{compute_hash(self, *args, **kwargs)}|longrope:{digest}"
         return hashlib.sha256(mixed.encode()).hexdigest()[:10]

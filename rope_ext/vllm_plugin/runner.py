@@ -19,7 +19,7 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import Phi3LongRoPEScaledRotaryEmbedding
 
 from rope_ext.factors import Ladder
-from rope_ext.vllm_plugin.model_ladder import LadderMismatch, ladder_for_model
+from rope_ext.vllm_plugin.model_ladder import LadderMismatch, ladder_for_engine
 from rope_ext.vllm_plugin.request_sets import ROPE_SET_KEY, set_for_request
 from rope_ext.vllm_plugin.rotary import LadderRotaryEmbedding
 from rope_ext.vllm_plugin.vllm_internals import RUNNER_STATE, check_runner_state
@@ -93,7 +93,7 @@ class PerRequestSetsMixin:
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)  # type: ignore[misc]
-        ladder = ladder_for_model(self.model_config.hf_config)  # type: ignore[attr-defined]
+        ladder = ladder_for_engine(self.vllm_config)  # type: ignore[attr-defined]
         if ladder is None:
             return
         check_runner_state(self, RUNNER_STATE)

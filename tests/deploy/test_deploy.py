@@ -15,9 +15,8 @@ import pytest
 import yaml
 
 from rope_ext.cli import build_parser
-from server.engine import DEFAULT_LADDER, build_engine_args
-from server.main import build_parser as serve_parser
-from server.settings import ServerSettings
+from rope_ext.model_files import DEFAULT_LADDER
+from server.serve import build_parser as serve_parser
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE = REPO / "deploy" / "kubernetes"
@@ -70,6 +69,11 @@ def manifests() -> list[Path]:
     return sorted(p for p in KUBE.rglob("*.yaml") if p.name != "kustomization.yaml")
 
 
+def _containers(path: Path) -> list[dict]:
+    spec = yaml.safe_load(path.read_text()).get("spec", {})
+    return spec.get("template", {}).get("spec", {}).get("containers", [])
+
+
 def test_manifests_validate_against_kubernetes_schemas():
     core = [str(p) for p in manifests() if yaml.safe_load(p.read_text())["kind"] != "ServiceMonitor"]
     result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "--quiet", *core],
@@ -106,7 +110,7 @@ def test_deployments_probe_health_and_outlast_the_drain(variant):
     container = pod["containers"][0]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] == "/health"
-    drain = float(next(e["value"] for e in container["env"] if e["name"] == "LONGROPE_DRAIN_TIMEOUT"))
+    drain = float(next(e["value"] for e in container["env"] if e["name"] == "LONGROPE_SHUTDOWN_TIMEOUT"))
     assert pod["terminationGracePeriodSeconds"] > drain
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     hpa = yaml.safe_load((KUBE / variant / "hpa.yaml").read_text())
@@ -121,24 +125,44 @@ def serve_args_of(path: Path) -> list[str]:
     return container["args"]
 
 
+def engine_args_of(argv: list[str]):
+    """vLLM's engine arguments as `longrope serve` (vLLM's own parser, plus ours) builds them."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs.from_cli_args(serve_parser().parse_args(argv))
+
+
 @pytest.mark.parametrize("manifest,expected", [
     ("multi-gpu/deployment.yaml", {"tensor_parallel_size": 4}),
     ("multi-node-ray/ray-head.yaml", {"tensor_parallel_size": 8, "pipeline_parallel_size": 2,
                                       "distributed_executor_backend": "ray"}),
 ])
-def test_parallel_arguments_reach_the_engine_configuration(manifest, expected, smollm2_dir):
-    _, engine_argv = serve_parser().parse_known_args(serve_args_of(KUBE / manifest))
-    engine_args = build_engine_args(ServerSettings(model=smollm2_dir), engine_argv)
+def test_parallel_arguments_reach_the_engine_configuration(manifest, expected):
+    engine_args = engine_args_of(serve_args_of(KUBE / manifest))
     for field, value in expected.items():
         assert getattr(engine_args, field) == value
 
 
-def test_data_parallel_and_ray_pass_through(smollm2_dir):
+def test_data_parallel_and_ray_pass_through():
     argv = ["--data-parallel-size", "2", "--pipeline-parallel-size", "2", "--distributed-executor-backend", "ray"]
-    _, engine_argv = serve_parser().parse_known_args(["--port", "9000", *argv])
-    engine_args = build_engine_args(ServerSettings(model=smollm2_dir), engine_argv)
+    engine_args = engine_args_of(["--port", "9000", *argv])
     assert (engine_args.data_parallel_size, engine_args.pipeline_parallel_size) == (2, 2)
     assert engine_args.distributed_executor_backend == "ray"
+
+
+def test_manifest_environment_variables_are_flags(monkeypatch):
+    """The manifests and the image configure the server with LONGROPE_<DEST> variables."""
+    for name, value in {"LONGROPE_HOST": "0.0.0.0", "LONGROPE_PORT": "9001", "LONGROPE_API_KEY": "a, b",
+                        "LONGROPE_SERVED_MODEL_NAME": "smol", "LONGROPE_SHUTDOWN_TIMEOUT": "45",
+                        "LONGROPE_ENFORCE_EAGER": "true", "LONGROPE_ROPE_POLICY": "budget"}.items():
+        monkeypatch.setenv(name, value)
+    args = serve_parser().parse_args([])
+    assert (args.host, args.port, args.api_key, args.served_model_name) == ("0.0.0.0", 9001, ["a", "b"], ["smol"])
+    assert (args.shutdown_timeout, args.enforce_eager, args.rope_policy) == (45, True, "budget")
+    assert serve_parser().parse_args(["--port", "9002"]).port == 9002  # a flag still wins
+    variables = {e["name"] for path in manifests() for c in _containers(path) for e in c.get("env", [])}
+    dests = {action.dest.upper() for action in serve_parser()._actions}
+    assert {v.removeprefix("LONGROPE_") for v in variables if v.startswith("LONGROPE_")} <= dests
 
 
 def test_compose_mounts_exist_and_prometheus_targets_the_server():
@@ -170,12 +194,11 @@ def test_every_server_gets_a_sized_dev_shm():
         assert volumes[shm]["emptyDir"]["sizeLimit"].endswith("Gi"), path
 
 
-def test_cpu_serves_float32_unless_a_dtype_is_given(smollm2_dir):
+def test_cpu_serves_float32_unless_a_dtype_is_given():
     """vLLM's CPU default (bfloat16 with torch.compile) flips SmolLM2's "Paris": the image and
     `longrope serve` with no flags must run float32; an explicit --dtype still wins."""
-    settings = ServerSettings(model=smollm2_dir)
-    assert build_engine_args(settings, []).dtype == "float32"
-    assert build_engine_args(settings, ["--dtype", "bfloat16"]).dtype == "bfloat16"
+    assert engine_args_of([]).dtype == "float32"
+    assert engine_args_of(["--dtype", "bfloat16"]).dtype == "bfloat16"
 
 
 def test_selftest_job_runs_the_selftest_on_the_served_model_and_ladder():

@@ -35,7 +35,7 @@ def test_pinned_set_is_used_when_it_holds_the_request():
 
 
 def test_pinned_set_too_small_is_refused():
-    with pytest.raises(ContextLengthExceeded, match="factor set 'short' holds at most 256"):
+    with pytest.raises(ContextLengthExceeded, match=r"context length of factor set 'short' \(256 tokens\)"):
         choose_set(LADDER, 250, 10, pinned="short")
 
 

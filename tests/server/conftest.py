@@ -28,12 +28,13 @@ def stop_server(server: ServerProcess) -> None:
 
 @pytest.fixture(scope="session")
 def smollm2_server(smollm2_dir, tmp_path_factory):
-    """The default model with its shipped ladder, float32 and eager (matches transformers), keyed."""
+    """The default model with its shipped ladder, float32 and eager (matches transformers), keyed, with
+    vLLM's hermes tool parser (so `--enable-auto-tool-choice --tool-call-parser hermes` is proven too)."""
     log = tmp_path_factory.mktemp("server") / "smollm2.log"
     server = start_server(
-        ["--model", str(smollm2_dir), "--served-model-name", "smollm2", "--api-key", API_KEY,
-         "--api-key", "test-key-2", "--max-body-bytes", "200000", "--dtype", "float32", "--enforce-eager",
-         "--seed", "0"],
+        ["--model", str(smollm2_dir), "--served-model-name", "smollm2", "--api-key", API_KEY, "test-key-2",
+         "--max-body-bytes", "200000", "--dtype", "float32", "--enforce-eager", "--seed", "0",
+         "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
         log,
     )
     yield server
@@ -47,7 +48,7 @@ def tiny_server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "tiny.log"
     server = start_server(
         ["--model", str(model_dir), "--factors", str(factors), "--served-model-name", "tiny", "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", "1024", "--seed", "0", "--drain-timeout", "60"],
+         "--enforce-eager", "--max-model-len", "1024", "--seed", "0", "--shutdown-timeout", "60"],
         log, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     yield server

@@ -1,98 +1,144 @@
-"""The HTTP layer alone, over stand-in engines (fast); the real engine is proven in the other files."""
+"""server.middleware alone, over a small FastAPI app and stand-in engine client state (fast).
+
+The real app (vLLM's, over a real engine) is proven in the other files; these pin the
+middleware's own rules, including cases a real engine rarely shows (a stream's in-band error).
+"""
 
 from __future__ import annotations
 
-import pytest
+import json
+from types import SimpleNamespace
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
-from transformers import AutoTokenizer
 
 from rope_ext.tiny_model import tiny_ladder
-from server.app import create_app
-from server.settings import ServerSettings
+from server.engine_client import ChoiceRun, Promotion, current_choices
+from server.metrics import ServerMetrics
+from server.middleware import LongRopeMiddleware, openai_error
 
-QUESTION = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-
-
-class LoadingModel:
-    """A model whose engine has not started yet."""
-
-    engine = None
-    start_error = None
-    ladder = None
-    max_model_len = 0
-    ready = False
-
-    async def start(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
+LIMIT = 1000
 
 
-class BrokenEngine:
-    errored = False
+def app_with_routes() -> FastAPI:
+    app = FastAPI()
+    app.state.args = SimpleNamespace(max_body_bytes=LIMIT)
+    app.state.engine_client = SimpleNamespace(ladder=tiny_ladder(), metrics=ServerMetrics("m"))
 
-    async def generate(self, *args, **kwargs):
-        raise RuntimeError("secret internal detail")
-        yield  # pragma: no cover - makes this an async generator
+    def admitted() -> list[ChoiceRun]:
+        """What the engine client does when vLLM's serving layer calls generate."""
+        run = ChoiceRun("short", 300, final_set="mid", promotions=[Promotion("short", "mid", 256)])
+        current_choices.get().append(run)
+        return [run]
 
-    async def abort(self, request_id: str) -> None:
-        pass
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        admitted()
+        if body.get("stream"):
+            async def events():
+                yield 'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n'
+                yield 'data: {"choices":[{"index":0,"text":"b","finish_reason":"length"}]}\n\n'
+                yield 'data: {"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}\n\n'
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return {"seen": body, "request_id": request.headers["x-request-id"],
+                "choices": [{"index": 0, "text": "ab", "finish_reason": "length"}]}
 
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "m", "object": "model"}]}
 
-class BrokenModel(LoadingModel):
-    ready = True
-    engine = BrokenEngine()
+    @app.get("/v1/unauthorized")
+    async def unauthorized():
+        return JSONResponse({"error": "Unauthorized"}, status_code=401)
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ladder = tiny_ladder()
-        self.max_model_len = 1024
+    @app.get("/v1/too-long")
+    async def too_long():
+        return JSONResponse({"error": {"message": "This model's maximum context length is 1024 tokens.",
+                                       "type": "BadRequestError", "param": "input_tokens", "code": 400}},
+                            status_code=400)
 
-
-def client_for(model, **settings) -> TestClient:
-    return TestClient(create_app(ServerSettings(served_model_name="m", **settings), model), raise_server_exceptions=False)
-
-
-def test_health_is_503_while_loading_and_requests_are_refused():
-    with client_for(LoadingModel()) as client:
-        assert client.get("/health").status_code == 503
-        response = client.post("/v1/chat/completions", json=QUESTION)
-        assert response.status_code == 503
-        assert response.json()["error"]["type"] == "service_unavailable"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-def test_engine_failure_is_500_with_request_id_and_no_traceback(tokenizer):
-    with client_for(BrokenModel(tokenizer)) as client:
-        response = client.post("/v1/chat/completions", json=QUESTION, headers={"X-Request-Id": "abc-123"})
-    assert response.status_code == 500
-    error = response.json()["error"]
-    assert error["type"] == "server_error" and "abc-123" in error["message"]
-    assert "secret internal detail" not in response.text and "Traceback" not in response.text
-    assert response.headers["x-request-id"] == "abc-123"
+    app.add_middleware(LongRopeMiddleware)
+    return app
 
 
-def test_malformed_json_is_400(tokenizer):
-    with client_for(BrokenModel(tokenizer)) as client:
-        response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 400
-    assert response.json()["error"]["type"] == "invalid_request_error"
+def client(app: FastAPI | None = None) -> TestClient:
+    return TestClient(app or app_with_routes())
 
 
-def test_every_response_gets_a_request_id(tokenizer):
-    with client_for(BrokenModel(tokenizer)) as client:
-        assert client.get("/v1/models").headers["x-request-id"].startswith("req-")
+def test_request_id_is_kept_or_made_and_passed_to_the_app():
+    with client() as c:
+        mine = c.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-Id": "abc-123"})
+        made = c.post("/v1/completions", json={"prompt": "x"})
+    assert mine.headers["x-request-id"] == "abc-123" == mine.json()["request_id"]
+    assert made.headers["x-request-id"].startswith("req-") and made.json()["request_id"] == made.headers["x-request-id"]
 
 
-def test_openapi_matches_the_accepted_requests(tokenizer):
-    with client_for(BrokenModel(tokenizer)) as client:
-        spec = client.get("/openapi.json").json()
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version", "/metrics"} <= set(spec["paths"])
-    chat = spec["components"]["schemas"]["ChatCompletionRequest"]
-    assert {"messages", "model", "rope_set", "max_completion_tokens", "response_format"} <= set(chat["properties"])
-    assert chat["additionalProperties"] is False
+def test_top_level_rope_set_becomes_vllm_xargs():
+    with client() as c:
+        seen = c.post("/v1/completions", json={"prompt": "x", "rope_set": "long", "vllm_xargs": {"a": 1}}).json()["seen"]
+    assert "rope_set" not in seen and seen["vllm_xargs"] == {"a": 1, "rope_set": "long"}
+
+
+def test_body_over_the_limit_is_413_before_the_app_reads_it():
+    with client() as c:
+        response = c.post("/v1/completions", json={"prompt": "x" * 2 * LIMIT})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large" and response.headers["x-request-id"]
+
+
+def test_headers_and_choice_fields_name_the_set():
+    with client() as c:
+        response = c.post("/v1/completions", json={"prompt": "x"})
+    assert response.headers["x-rope-set"] == "mid" and response.headers["x-rope-promotions"] == "short->mid@256"
+    choice = response.json()["choices"][0]
+    assert choice["rope_set"] == "mid" and choice["rope_promotions"] == [{"from": "short", "to": "mid", "at_tokens": 256}]
+    assert int(response.headers["content-length"]) == len(response.content)
+
+
+def test_stream_finishing_chunk_gets_the_fields_and_errors_get_our_shape():
+    with client() as c:
+        lines = [line for line in c.post("/v1/completions", json={"prompt": "x", "stream": True}).iter_lines() if line]
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "rope_set" not in chunks[0]["choices"][0]
+    assert chunks[1]["choices"][0]["rope_set"] == "mid"
+    assert chunks[2]["error"] == {"message": "boom", "type": "server_error", "param": None, "code": "internal_error"}
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_models_lists_the_ladder():
+    with client() as c:
+        entry = c.get("/v1/models").json()["data"][0]
+    assert entry["rope_sets"] == [{"name": "short", "window": 256}, {"name": "mid", "window": 512},
+                                  {"name": "long", "window": 1024}]
+
+
+def test_every_error_is_an_openai_error_object_with_a_string_code():
+    with client() as c:
+        unauthorized = c.get("/v1/unauthorized").json()["error"]
+        too_long = c.get("/v1/too-long").json()["error"]
+        missing = c.get("/v1/nowhere")
+    assert unauthorized["type"] == "authentication_error" and unauthorized["code"] == "invalid_api_key"
+    assert too_long["code"] == "context_length_exceeded" and too_long["type"] == "invalid_request_error"
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_context_length_refusals_are_counted_once_each():
+    app = app_with_routes()
+    with client(app) as c:
+        c.get("/v1/too-long")
+        c.get("/v1/unauthorized")
+    registry = app.state.engine_client.metrics.registry
+    assert registry.get_sample_value("longrope_context_length_refusals_total", {"model": "m"}) == 1
+
+
+def test_error_shapes():
+    assert openai_error(503, {"error": {"message": "busy", "type": "Service Unavailable", "code": 503}})["error"] == {
+        "message": "busy", "type": "service_unavailable", "param": None, "code": "service_unavailable"}
+    assert openai_error(400, {"error": {"message": "no factor set named 'x'", "param": "rope_set", "code": 400}}
+                        )["error"]["code"] == "unknown_rope_set"
+    assert openai_error(404, {"error": {"message": "The model `x` does not exist.", "code": 404}}
+                        )["error"]["code"] == "model_not_found"
+    assert openai_error(500, "Internal Server Error")["error"]["type"] == "server_error"

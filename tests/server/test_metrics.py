@@ -81,8 +81,9 @@ def send_mix(server) -> None:
                                   extra_body={"rope_set": "long"})
     promoted = client.completions.create(model=MODEL, prompt=ids(240), max_tokens=40, temperature=0)
     assert promoted.choices[0].model_extra["rope_promotions"][0]["to"] == "mid"
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=MODEL, prompt=ids(50), max_tokens=2000)
+    with pytest.raises(openai.BadRequestError) as refused:  # no set holds 1100 prompt tokens
+        client.completions.create(model=MODEL, prompt=ids(1100), max_tokens=8)
+    assert refused.value.body["code"] == "context_length_exceeded"
 
 
 def test_prometheus_counts_what_was_sent_per_set(tiny_server, prometheus):

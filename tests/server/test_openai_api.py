@@ -143,6 +143,104 @@ def test_json_schema_output_parses(client):
     assert isinstance(data["city"], str) and isinstance(data["population"], int)
 
 
+def test_json_schema_on_completions(client):
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}}, "required": ["year"]}
+    reply = client.completions.create(model=MODEL, prompt="The year the Eiffel Tower opened, as JSON:", max_tokens=30,
+                                      temperature=0, extra_body={"response_format": {
+                                          "type": "json_schema", "json_schema": {"name": "y", "schema": schema}}})
+    assert isinstance(json.loads(reply.choices[0].text)["year"], int)
+
+
+def test_structured_outputs_choice_and_regex(client):
+    chosen = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=10, temperature=0,
+                                            extra_body={"structured_outputs": {"choice": ["Paris", "London"]}})
+    assert chosen.choices[0].message.content in ("Paris", "London")
+    year = client.completions.create(model=MODEL, prompt="The Eiffel Tower opened in the year", max_tokens=10,
+                                     temperature=0, extra_body={"structured_outputs": {"regex": "[0-9]{4}"}})
+    assert re.fullmatch(r"[0-9]{4}", year.choices[0].text)
+    assert year.choices[0].model_extra["rope_set"] == "short"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city", "strict": True,
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                   "additionalProperties": False}}}
+
+
+def test_named_tool_choice_returns_schema_valid_arguments(client):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], temperature=0,
+        max_tokens=60, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+    # the call goes back with the tool's answer, as agent frameworks send it
+    follow = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=20, messages=[
+        {"role": "user", "content": "What is the weather in Paris?"}, reply.choices[0].message.model_dump(),
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}], tools=[WEATHER])
+    assert follow.choices[0].finish_reason in ("stop", "length")
+
+
+def test_sdk_parse_reply_goes_back_next_turn_with_metadata_and_store(client):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        city: str
+        population: int
+
+    asked = [{"role": "user", "content": "Name a city and its population as JSON."}]
+    parsed = client.chat.completions.parse(model=MODEL, messages=asked, response_format=City, temperature=0,
+                                           max_tokens=60)
+    assert isinstance(parsed.choices[0].message.parsed, City)
+    # .parse() leaves `parsed`, `refusal` and `annotations` on the message; the SDK sends them back
+    again = client.chat.completions.create(
+        model=MODEL, messages=[*asked, parsed.choices[0].message.model_dump(mode="json"),
+                               {"role": "user", "content": "Thanks."}],
+        max_tokens=8, temperature=0, metadata={"team": "search"}, store=False, service_tier="auto",
+        extra_body={"prompt_cache_key": "k"})
+    assert again.choices[0].message.content
+
+
+def test_echo_prompt_logprobs_equal_the_reference(client, tokenizer, smollm2_dir):
+    """What lm-eval-harness sends to score loglikelihood: a list of prompts, echo, logprobs 1."""
+    from rope_ext.model_files import DEFAULT_LADDER
+    from rope_ext.factors import load_ladder
+    from rope_ext.selftest.reference import LOGPROB_TOLERANCE, ReferenceModel
+
+    prompts = ["The capital of France is Paris, and the capital of Italy is Rome.",
+               "Whales are the largest animals that have ever lived on Earth."]
+    reply = client.completions.create(model=MODEL, prompt=prompts, max_tokens=1, temperature=0, echo=True,
+                                      logprobs=1)
+    ladder = load_ladder(DEFAULT_LADDER)
+    reference = ReferenceModel(smollm2_dir, ladder, ladder.sets[0].window)
+    assert [c.index for c in reply.choices] == [0, 1]
+    for prompt, choice in zip(prompts, reply.choices):
+        ids = tokenizer(prompt)["input_ids"]
+        assert choice.text.startswith(prompt) and choice.model_extra["rope_set"] == "short"
+        served = choice.logprobs.token_logprobs[: len(ids)]
+        assert served[0] is None
+        expected = reference.run(ids, 1, "short").prompt_logprobs
+        assert served[1:] == pytest.approx(expected, abs=LOGPROB_TOLERANCE)
+
+
+def test_tokenize_detokenize_round_trip(smollm2_server, tokenizer):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    text = "Long contexts, one request at a time."
+    tokens = httpx.post(f"{smollm2_server.base}/tokenize", json={"model": MODEL, "prompt": text},
+                        headers=headers).json()
+    assert tokens["tokens"] == tokenizer(text)["input_ids"] and tokens["count"] == len(tokens["tokens"])
+    back = httpx.post(f"{smollm2_server.base}/detokenize", json={"model": MODEL, "tokens": tokens["tokens"]},
+                      headers=headers).json()
+    assert back["prompt"] == text
+
+
+def test_responses_api_answers(client):
+    response = client.responses.create(model=MODEL, input="What is the capital of France?", temperature=0,
+                                       max_output_tokens=20)
+    assert "Paris" in response.output_text
+
+
 def test_content_as_text_parts(client):
     parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
                                           {"type": "text", "text": "of France?"}]}]
@@ -165,34 +263,54 @@ def error_of(call) -> openai.APIStatusError:
     return info.value
 
 
-def test_unknown_field_is_400_naming_it(client):
-    err = error_of(lambda: client.chat.completions.create(model=MODEL, messages=QUESTION,
-                                                          extra_body={"frobnicate": 1}))
-    assert err.status_code == 400
-    assert err.body["type"] == "invalid_request_error" and err.body["param"] == "frobnicate"
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [10, 99_999_999]}, None),
+    ({"prompt": "Hi", "top_k": -5}, None),
+    ({"prompt": "Hi", "n": 0}, None),
+    ({"prompt": "Hi", "max_tokens": "many"}, "body.max_tokens"),
+    ({"prompt": "Hi", "temperature": 5}, "temperature"),
+])
+def test_client_mistakes_are_400_never_500(smollm2_server, body, param):
+    response = httpx.post(f"{smollm2_server.v1}/completions", json={"model": MODEL, **body},
+                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and isinstance(error["code"], str) and error["message"]
+    assert error["param"] == param
 
 
-def test_unsupported_field_is_400_naming_it(client):
-    err = error_of(lambda: client.chat.completions.create(
-        model=MODEL, messages=QUESTION, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]))
-    assert err.status_code == 400 and err.body["param"] == "tools" and err.body["code"] == "unsupported_parameter"
-
-
-def test_invalid_value_is_400_not_422(client):
-    err = error_of(lambda: client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=5))
-    assert err.status_code == 400 and err.body["param"] == "temperature"
-
-
-def test_context_length_exceeded(client):
-    err = error_of(lambda: client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20000))
+def test_prompt_no_set_holds_is_context_length_exceeded(client):
+    err = error_of(lambda: client.completions.create(model=MODEL, prompt=[100] * 17000, max_tokens=4))
     assert err.status_code == 400 and err.body["code"] == "context_length_exceeded"
-    assert "16384" in err.body["message"] and "20000 to generate" in err.body["message"]
+    assert "16384" in err.body["message"]
+
+
+def test_max_tokens_absent_fills_the_window_and_stops_at_eos(client):
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0)
+    assert reply.choices[0].finish_reason == "stop" and "Paris" in reply.choices[0].message.content
 
 
 def test_pinned_set_too_small_is_refused(client):
     err = error_of(lambda: client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=9000,
                                                           extra_body={"rope_set": "short"}))
     assert err.status_code == 400 and err.body["code"] == "context_length_exceeded"
+    assert err.body["param"] == "rope_set"
+
+
+def test_unknown_set_is_refused_naming_it(client):
+    for pin in ({"rope_set": "huge"}, {"vllm_xargs": {"rope_set": "huge"}}):
+        err = error_of(lambda: client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4,
+                                                              extra_body=pin))
+        assert err.status_code == 400 and err.body["code"] == "unknown_rope_set" and "huge" in err.body["message"]
+
+
+def test_pinned_by_field_or_vllm_xargs(client):
+    for pin in ({"rope_set": "long"}, {"vllm_xargs": {"rope_set": "long"}}):
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=QUESTION, max_tokens=4,
+                                                                temperature=0, extra_body=pin)
+        assert raw.headers["x-rope-set"] == "long"
+        assert raw.parse().choices[0].model_extra["rope_set"] == "long"
 
 
 def test_unknown_model_is_404(client):

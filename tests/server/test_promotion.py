@@ -96,15 +96,16 @@ def test_budget_policy_or_pinned_set_never_promotes(client, prompt, tiny_referen
 
 
 def test_sigterm_drains_running_requests(tiny_model, tmp_path):
-    """SIGTERM: the listening socket closes, the running stream still finishes, the process exits."""
+    """SIGTERM: new requests and /health get 503, the running stream still finishes, the process exits."""
     model_dir, factors, _ = tiny_model
     server = start_server(
         ["--model", str(model_dir), "--factors", str(factors), "--served-model-name", "tiny", "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", "1024", "--drain-timeout", "120"],
+         "--enforce-eager", "--max-model-len", "1024", "--shutdown-timeout", "120"],
         tmp_path / "drain.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     try:
-        body = {"model": "tiny", "prompt": [5] * 20, "max_tokens": 600, "temperature": 0, "stream": True,
+        # 240 + 600 tokens: promoted twice (short -> mid -> long) while the server drains
+        body = {"model": "tiny", "prompt": [5] * 240, "max_tokens": 600, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", f"{server.v1}/completions", json=body, timeout=120) as response:
             lines = response.iter_lines()
@@ -112,14 +113,17 @@ def test_sigterm_drains_running_requests(tiny_model, tmp_path):
             assert first.startswith("data: ")
             server.proc.send_signal(signal.SIGTERM)  # to the server alone, as a container runtime does
             time.sleep(1.0)
-            with pytest.raises(httpx.ConnectError):
-                httpx.get(f"{server.base}/health", timeout=5)
+            assert httpx.get(f"{server.base}/health", timeout=5).status_code == 503
+            refused = httpx.post(f"{server.v1}/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                                 timeout=10)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "service_unavailable"
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
         usage = json.loads(rest[-2][6:])["usage"]
         assert usage["completion_tokens"] == 600
-        # uvicorn re-raises the captured SIGTERM once it has drained, so the exit status says why it stopped
+        chunks = [json.loads(line[6:]) for line in rest[:-1]]
+        finishing = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert [(c["rope_set"], len(c["rope_promotions"])) for c in finishing] == [("long", 2)]
         assert server.proc.wait(timeout=120) in (0, -signal.SIGTERM)
-        assert "Finished server process" in server.log_text()
     finally:
         stop_server(server)

@@ -100,10 +100,15 @@ def test_every_vllm_internal_the_plugin_uses_is_listed_and_present():
 
     from rope_ext.vllm_plugin.cpu_generators import SeededCpuGeneratorsMixin
     from rope_ext.vllm_plugin.runner import PerRequestSetsMixin
-    from rope_ext.vllm_plugin.vllm_internals import CLI_INTERNALS, INTERNALS, check_internals
+    from rope_ext.vllm_plugin.vllm_internals import CLI_INTERNALS, INTERNALS, SERVER_INTERNALS, check_internals
+    from server.engine_client import LadderEngineClient
 
     check_internals()
     check_internals(CLI_INTERNALS)
+    check_internals(SERVER_INTERNALS)
+    overridden = {name for name in vars(LadderEngineClient) if not name.startswith("_")
+                  and callable(vars(LadderEngineClient)[name])}
+    assert overridden <= {i.name.removeprefix("EngineClient.") for i in SERVER_INTERNALS}, overridden
     listed = {i.name.removeprefix("GPUModelRunner.") for i in INTERNALS if i.name.startswith("GPUModelRunner.")}
     for mixin in (PerRequestSetsMixin, SeededCpuGeneratorsMixin):
         extended = {name for name in vars(mixin) if callable(vars(mixin)[name]) and hasattr(GPUModelRunner, name)}

@@ -1,0 +1,141 @@
+"""`longrope serve`: vLLM's own OpenAI server (its parser, app and launcher) over our engine client.
+
+Every `vllm serve` flag works; ours (``--factors``, ``--rope-policy``, ``--max-body-bytes``) are
+added to vLLM's parser, so ``longrope serve --help`` lists them all. Any flag can also come from
+an environment variable ``LONGROPE_<DEST>`` (``LONGROPE_PORT=9000``, ``LONGROPE_API_KEY=a,b``),
+for container images. What fails at start-up ends the process: 2 for a bad flag or factor file,
+1 when the engine cannot start, with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rope_ext.factors import FactorFileError, Ladder
+from rope_ext.model_files import DEFAULT_LADDER, default_model_dir
+from rope_ext.selection import Policy
+
+ENV_PREFIX = "LONGROPE_"
+OUR_MIDDLEWARE = "server.middleware.LongRopeMiddleware"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.platforms import current_platform
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(
+        prog="longrope serve",
+        description="vLLM's OpenAI-compatible server with a factor set chosen per request. Every "
+        "`vllm serve` flag works; every flag is also an environment variable LONGROPE_<DEST>."))
+    ours = parser.add_argument_group("longrope-serve")
+    ours.add_argument("--factors", type=Path,
+                      help="factor file (default: the shipped ladder for the default model, else the model's "
+                      "own longrope config)")
+    ours.add_argument("--rope-policy", choices=[p.value for p in Policy], default=Policy.DYNAMIC.value,
+                      help="dynamic: start in the smallest set that holds the prompt and promote; budget: start "
+                      "where prompt + max_tokens fits and stay")
+    ours.add_argument("--max-body-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
+    # Loopback unless told otherwise (vLLM's default listens on every interface); SIGTERM drains for 30 s.
+    defaults = {"model": str(default_model_dir()), "host": "127.0.0.1", "shutdown_timeout": 30}
+    if current_platform.is_cpu():
+        # vLLM's CPU default, bfloat16 with torch.compile, flips close first tokens (SmolLM2
+        # answers "L'Étoile…" instead of "Paris"); float32 matches transformers.
+        defaults["dtype"] = "float32"
+    parser.set_defaults(**defaults)
+    parser.set_defaults(**_environment_defaults(parser))
+    return parser
+
+
+def _environment_defaults(parser: argparse.ArgumentParser) -> dict[str, object]:
+    """LONGROPE_<DEST> for any flag, converted as the flag would be (lists: comma-separated)."""
+    found: dict[str, object] = {}
+    for action in parser._actions:  # argparse has no public list of a parser's actions
+        value = os.environ.get(ENV_PREFIX + action.dest.upper())
+        if value is None or not action.option_strings:
+            continue
+        if action.nargs == 0:  # a switch (--enforce-eager)
+            found[action.dest] = value.strip().lower() in ("1", "true", "yes", "on")
+            continue
+        items = [v.strip() for v in value.split(",")] if action.nargs in ("+", "*") else [value]
+        convert = action.type if callable(action.type) else str
+        try:
+            converted = [convert(v) for v in items]
+        except (TypeError, ValueError) as exc:
+            parser.error(f"{ENV_PREFIX}{action.dest.upper()}={value!r}: {exc}")
+        found[action.dest] = converted if action.nargs in ("+", "*") else converted[0]
+    return found
+
+
+def resolve_ladder(args: argparse.Namespace) -> Ladder:
+    """The ladder served (--factors, the shipped one for the default model, else the model's own
+    longrope config), from the same per-process source the plugin reads."""
+    from transformers import AutoConfig
+
+    from rope_ext.vllm_plugin.model_ladder import ladder_for_model
+
+    if args.factors is None and Path(args.model).resolve() == default_model_dir().resolve():
+        args.factors = DEFAULT_LADDER
+    ladder = ladder_for_model(AutoConfig.from_pretrained(args.model), args.factors)
+    if ladder is None:
+        raise FactorFileError(f"{args.model} has no longrope config; give a factor file with --factors")
+    return ladder
+
+
+def serve(argv: list[str]) -> int:
+    """Exit 0 after a clean stop; 2 for a bad flag or factor file; 1 when the engine cannot start."""
+    import uvloop
+
+    from rope_ext.vllm_plugin.vllm_internals import SERVER_INTERNALS, check_internals
+
+    check_internals(SERVER_INTERNALS)
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+    args = build_parser().parse_args(argv)  # a bad flag exits 2 here, with argparse's message
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    try:
+        ladder = resolve_ladder(args)
+    except (FactorFileError, ValueError) as exc:  # names the field that is wrong
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.max_model_len is None:
+        args.max_model_len = ladder.max_window
+    if not args.served_model_name:
+        args.served_model_name = [Path(args.model).name]
+    if args.factors is not None:
+        from rope_ext.vllm_plugin.model_ladder import carry_factors
+
+        carry_factors(args, args.factors)
+    args.middleware = [*args.middleware, OUR_MIDDLEWARE]
+    validate_parsed_serve_args(args)
+    try:
+        uvloop.run(_run(args, ladder))
+    except Exception as exc:  # noqa: BLE001 - vLLM logged the details; say why, exit non-zero
+        print(f"error: the engine failed to start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run(args: argparse.Namespace, ladder: Ladder) -> None:
+    """vLLM's ``run_server``, with our engine client in place of its AsyncLLM."""
+    from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
+    from vllm.entrypoints.launchers.launcher import setup_server
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    from server.engine_client import LadderEngineClient
+    from server.metrics import ServerMetrics
+
+    listen_address, sock = setup_server(args, reuse_port=False)
+    async with build_async_engine_client(args) as engine:
+        metrics = ServerMetrics(args.served_model_name[0])
+        metrics.expose(get_prometheus_registry())
+        client = LadderEngineClient(engine, ladder, Policy(args.rope_policy), metrics)
+        shutdown = await build_and_serve(client, listen_address, sock, args)
+    try:
+        await shutdown
+    finally:
+        sock.close()

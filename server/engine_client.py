@@ -291,7 +291,7 @@ class LadderEngineClient:
                 else:
                     seg_prompt = prompt
                 engine_id = request_id if segment == 0 else f"{request_id}-s{segment}"
-                promote, stop_hit = False, None
+                promote, stop_hit, before = False, None, len(generated)
                 async with aclosing(self.engine.generate(seg_prompt, seg, engine_id, **kwargs)) as outputs:
                     async for output in outputs:
                         delta = output.outputs[0]
@@ -308,15 +308,14 @@ class LadderEngineClient:
                             if scanner is not None and not promote:
                                 delta.text += scanner.flush()
                         if delta.finish_reason is not None or stop_hit is not None:
-                            run.segment_done(output.metrics, len(generated))
+                            run.segment_done(output.metrics, len(generated) - before)
                         if promote:
                             delta.finish_reason = delta.stop_reason = None
                         output.request_id, output.prompt_token_ids = request_id, tokens
-                        output.prompt_logprobs = first.prompt_logprobs if final_only else output.prompt_logprobs
                         output.finished = delta.finish_reason is not None
                         if final_only:
                             total = delta if total is None else _extended(total, delta)
-                            output.outputs = [total]
+                            output.outputs, output.prompt_logprobs = [total], first.prompt_logprobs
                         if output.finished or not final_only and (delta.text or delta.token_ids):
                             yield output
                         if stop_hit is not None:

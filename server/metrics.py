@@ -1,8 +1,8 @@
 """Prometheus metrics by factor set: the one place that names and records them.
 
 Ours live in their own registry, which :meth:`ServerMetrics.expose` hangs into vLLM's, so
-vLLM's own /metrics shows them beside its ``vllm:`` series. The metrics are per API process:
-with ``--api-server-count`` above 1 each process counts the requests it served.
+vLLM's own /metrics shows them beside its ``vllm:`` series. `longrope serve` runs one API
+process (server/serve.py refuses more), so plain collectors are exact.
 """
 
 from __future__ import annotations

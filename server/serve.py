@@ -97,6 +97,11 @@ def serve(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)  # a bad flag exits 2 here, with argparse's message
     if args.model_tag is not None:
         args.model = args.model_tag
+    if (args.api_server_count or 1) > 1 or args.headless or args.grpc:
+        # One API process: the engine client's regimes, drain and metrics live in it.
+        print("error: longrope serve runs one HTTP API process: drop --api-server-count, --headless and --grpc "
+              "(scale with replicas, or --data-parallel-size within one)", file=sys.stderr)
+        return 2
     try:
         ladder = resolve_ladder(args)
     except (FactorFileError, ValueError) as exc:  # names the field that is wrong

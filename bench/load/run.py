@@ -4,7 +4,8 @@ The tiny random-weight Llama of the tests (W0 = 256, sets 256 / 512 / 1024), so 
 promoted requests cost seconds, not minutes, on this CPU (SmolLM2 prefills ~230 tokens/s here,
 and every long request there is > 8192 tokens); policy dynamic. The mix: short prompts, long
 prompts (the long set), prompts just under 256 whose budget crosses it (promoted, some twice),
-and streams the client drops after a few chunks. Checks: no errors, every kept stream complete and well-formed (role first, one
+prompts pinned to the mid set by the `rope_set` field, and streams the client drops after a
+few chunks. Checks: no errors, every kept stream complete and well-formed (role first, one
 finish_reason, usage, [DONE]), the engine's running count back to zero, and the server's
 resident memory at start, after warm-up and at the end.
 
@@ -65,6 +66,9 @@ def workload(n: int, seed: int) -> list[dict]:
                           "max_tokens": rng.choice([40, 80, 320])})
         elif roll < 0.40:
             plans.append({"kind": "disconnect", "prompt": ids(50), "max_tokens": 400})
+        elif roll < 0.47:  # pinned by the top-level field: never promoted
+            plans.append({"kind": "pinned", "prompt": ids(rng.randrange(200, 250)), "max_tokens": 40,
+                          "rope_set": "mid"})
         else:
             plans.append({"kind": "short", "prompt": ids(rng.randrange(10, 120)), "max_tokens": rng.choice([8, 16, 32])})
     return plans
@@ -73,6 +77,8 @@ def workload(n: int, seed: int) -> list[dict]:
 async def one(client: httpx.AsyncClient, base: str, plan: dict) -> dict:
     body = {"model": NAME, "prompt": plan["prompt"], "max_tokens": plan["max_tokens"], "temperature": 0.7,
             "seed": 1, "stream": True, "stream_options": {"include_usage": True}}
+    if "rope_set" in plan:
+        body["rope_set"] = plan["rope_set"]
     started = time.perf_counter()
     lines: list[str] = []
     async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
@@ -148,6 +154,9 @@ def main() -> None:
         entry = by_kind.setdefault(r["kind"], {"requests": 0, "ok": 0})
         entry["requests"] += 1
         entry["ok"] += bool(r.get("ok"))
+    for r in results:  # a pinned stream that moved, or ran in another set, is wrong
+        if r["kind"] == "pinned" and r.get("ok") and (r.get("promotions") or r.get("rope_set") != "mid"):
+            r.update(ok=False, error=f"pinned stream ran in {r.get('rope_set')}, promotions {r.get('promotions')}")
     errors = [r for r in results if not r.get("ok")]
     promoted = sum(1 for r in results if r.get("promotions"))
     report = {

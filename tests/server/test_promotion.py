@@ -69,6 +69,16 @@ def test_promoted_stream_is_one_unbroken_response(client, prompt, switched):
     assert len({c.id for c in chunks}) == 1
 
 
+def test_each_of_n_choices_is_promoted_on_its_own(client, prompt, switched):
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                      logprobs=0, n=2)
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice in reply.choices:
+        assert choice.model_extra["rope_promotions"] == [{"from": "short", "to": "mid", "at_tokens": SWITCH_AT}]
+        assert_greedy_matches(switched, None, choice.logprobs.token_logprobs, f"choice {choice.index}")
+    assert reply.usage.completion_tokens == 2 * MAX_TOKENS and reply.usage.prompt_tokens == PROMPT_LEN
+
+
 def test_stop_string_straddling_the_switch_still_stops(client, tiny_model, prompt, switched):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model[0])
     text = tokenizer.decode(switched.tokens, skip_special_tokens=True)

@@ -88,7 +88,6 @@ class LongRopeMiddleware:
         path, method = scope["path"], scope["method"]
         client = getattr(state, "engine_client", None)
         metrics = getattr(client, "metrics", None)
-        status_seen = {"code": 500}
 
         async def send_error(status: int, body: dict) -> None:
             data = json.dumps(openai_error(status, body), separators=(",", ":")).encode()
@@ -99,7 +98,6 @@ class LongRopeMiddleware:
 
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            status_seen["code"] = 413
             await send_error(413, {"error": f"Request body of {length} bytes exceeds the limit of {limit} bytes."})
             self._count(metrics, scope, method, 413)
             return

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from http import HTTPStatus
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from vllm.exceptions import GracefulHTTPError, VLLMValidationError
@@ -52,7 +52,6 @@ class ChoiceRun:
 
     start_set: str
     prompt_tokens: int
-    final_set: str = ""
     promotions: list[Promotion] = field(default_factory=list)
     completion_tokens: int = 0
     outcome: str = "aborted"  # until it finishes: stop, length, abort or error
@@ -62,8 +61,9 @@ class ChoiceRun:
     queue_s: list[float] = field(default_factory=list)  # one per engine request (segment)
     e2e_s: float | None = None
 
-    def __post_init__(self) -> None:
-        self.final_set = self.final_set or self.start_set
+    @property
+    def final_set(self) -> str:
+        return self.promotions[-1].to_set if self.promotions else self.start_set
 
     def saw(self, output: CompletionOutput) -> None:
         self.completion_tokens += len(output.token_ids)
@@ -123,7 +123,7 @@ class StopScanner:
 def _token_prompt(prompt: Any) -> list[int] | None:
     """The prompt's token ids when it is a plain token input (what vLLM's serving layer sends)."""
     if isinstance(prompt, dict) and prompt.get("type", "token") == "token" and "prompt_token_ids" in prompt:
-        return list(prompt["prompt_token_ids"])
+        return prompt["prompt_token_ids"]  # read only: later segments build new lists
     return None
 
 
@@ -326,7 +326,6 @@ class LadderEngineClient:
                 sequence = len(tokens) + len(generated)
                 index = choose_set(self.ladder, sequence, params.max_tokens - len(generated), Policy.DYNAMIC)
                 run.promotions.append(Promotion(current.name, self.ladder.sets[index].name, sequence))
-                run.final_set = self.ladder.sets[index].name
                 segment += 1
         except Exception:
             run.finish("error")

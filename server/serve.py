@@ -66,6 +66,8 @@ def _environment_defaults(parser: argparse.ArgumentParser) -> dict[str, object]:
             converted = [convert(v) for v in items]
         except (TypeError, ValueError) as exc:
             parser.error(f"{ENV_PREFIX}{action.dest.upper()}={value!r}: {exc}")
+        if action.choices is not None and any(v not in action.choices for v in converted):
+            parser.error(f"{ENV_PREFIX}{action.dest.upper()}={value!r}: choose from {', '.join(map(str, action.choices))}")
         found[action.dest] = converted if action.nargs in ("+", "*") else converted[0]
     return found
 

@@ -160,6 +160,10 @@ def test_manifest_environment_variables_are_flags(monkeypatch):
     assert (args.host, args.port, args.api_key, args.served_model_name) == ("0.0.0.0", 9001, ["a", "b"], ["smol"])
     assert (args.shutdown_timeout, args.enforce_eager, args.rope_policy) == (45, True, "budget")
     assert serve_parser().parse_args(["--port", "9002"]).port == 9002  # a flag still wins
+    monkeypatch.setenv("LONGROPE_ROPE_POLICY", "sometimes")  # refused like the flag would be
+    with pytest.raises(SystemExit):
+        serve_parser()
+    monkeypatch.delenv("LONGROPE_ROPE_POLICY")
     variables = {e["name"] for path in manifests() for c in _containers(path) for e in c.get("env", [])}
     dests = {action.dest.upper() for action in serve_parser()._actions}
     assert {v.removeprefix("LONGROPE_") for v in variables if v.startswith("LONGROPE_")} <= dests

@@ -28,7 +28,7 @@ def app_with_routes() -> FastAPI:
 
     def admitted() -> list[ChoiceRun]:
         """What the engine client does when vLLM's serving layer calls generate."""
-        run = ChoiceRun("short", 300, final_set="mid", promotions=[Promotion("short", "mid", 256)])
+        run = ChoiceRun("short", 300, promotions=[Promotion("short", "mid", 256)])
         current_choices.get().append(run)
         return [run]
 

@@ -59,6 +59,17 @@ def measure(model: str, enforce_eager: bool, repeats: int) -> dict:
     }
 
 
+def bench_ladder(model: Path) -> Path:
+    """The plugin engines' two-step ladder: plain RoPE to 8192, YaRN to 16384."""
+    from rope_ext.baselines import baseline_ladder
+    from rope_ext.factors import save_ladder
+    from rope_ext.hf_config import model_info
+
+    factors = Path("/tmp/longrope-bench-ladder.json")
+    save_ladder(baseline_ladder(model_info(json.loads((model / "config.json").read_text())), "yarn", 16384), factors)
+    return factors
+
+
 def run_engine(mode: str, model: str, factors: str, eager: bool, repeats: int) -> dict:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     if mode == "plugin":
@@ -113,14 +124,10 @@ def main() -> None:
         print(MARK + json.dumps(measure(args.measure, args.eager, args.repeats)))  # vLLM logs to stdout too
         return
 
-    from rope_ext.baselines import baseline_ladder
-    from rope_ext.factors import save_ladder
-    from rope_ext.hf_config import model_info
     from rope_ext.model_files import prepare_model
 
     model = prepare_model()
-    factors = Path("/tmp/longrope-bench-ladder.json")
-    save_ladder(baseline_ladder(model_info(json.loads((model / "config.json").read_text())), "yarn", 16384), factors)
+    factors = bench_ladder(model)
     modes = args.modes.split(",")
     result = {
         "command": f"python -m bench.plugin_overhead.run --modes {args.modes} --rounds {args.rounds}",

@@ -121,12 +121,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    import torch
+
     from rope_ext.evaluation import load_model
     from rope_ext.perplexity import documents
     from rope_ext.search import SearchSpace
     from rope_ext.search_run import SearchRun, search_summary
 
-    model, tokenizer = load_model(args.model, args.window, args.device)
+    model, tokenizer = load_model(args.model, args.window, args.device, getattr(torch, args.dtype))
     info = model.info
     name = args.name or ("short" if args.window <= info.original_window else "long")
     if args.mode == "v2":
@@ -135,7 +137,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         samples = needle_samples(tokenizer, args.data, args.window, args.documents, args.seed)
     else:
         samples = documents(tokenizer, args.data, args.window, args.documents)
-    space = SearchSpace.for_model(info, args.window, args.mode, args.lambda_min, args.lambda_max)
+    scale_bounds = (args.scale_min, args.scale_max) if args.search_scale else None
+    space = SearchSpace.for_model(info, args.window, args.mode, args.lambda_min, args.lambda_max, scale_bounds)
     config = SearchConfig(**{setting.name: getattr(args, setting.name) for setting in fields(SearchConfig)})
     out: Path = args.output
     run = SearchRun(model, samples, args.window, space, config,
@@ -208,6 +211,13 @@ def _add_search_parser(sub) -> None:
                        help=setting.metadata.get("help"))
     p.add_argument("--lambda-min", type=float, help="lower bound of λ (default 1, v2: s)")
     p.add_argument("--lambda-max", type=float, help="upper bound of λ (default 1.25·s, v2: 2·s)")
+    p.add_argument("--search-scale", action="store_true",
+                   help="search the set's attention scale with λ (LongRoPE2); off: the per-set formula")
+    p.add_argument("--scale-min", type=float, default=1.0, help="lower bound of a searched attention scale")
+    p.add_argument("--scale-max", type=float, default=1.5, help="upper bound of a searched attention scale")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="precision of the fitness forward (bfloat16: faster on CPUs with AVX-512 BF16; "
+                        "see bench/fitness_speed for how well it keeps float32's ranking)")
     p.add_argument("--cache", type=Path, help="evaluation cache (default: OUTPUT stem + .cache.jsonl)")
     p.add_argument("--log", type=Path, help="log of every evaluation (default: OUTPUT stem + .log.jsonl)")
     p.set_defaults(func=cmd_search)

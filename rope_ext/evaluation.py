@@ -25,13 +25,15 @@ from rope_ext.hf_model import RotatedModel
 from rope_ext.model_files import DEFAULT_LADDER, default_model_dir
 from rope_ext.selection import Policy, choose_set
 
-def load_model(model_dir: Path | None, max_positions: int, device: str = "cpu") -> tuple[RotatedModel, Any]:
-    """The model in float32 (the precision the references use) and its tokenizer."""
+
+def load_model(model_dir: Path | None, max_positions: int, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[RotatedModel, Any]:
+    """The model (float32 unless asked: the precision the references use) and its tokenizer."""
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir or default_model_dir())
     info = model_info(json.loads((model_dir / "config.json").read_text()), name=model_dir.name)
-    model = RotatedModel(model_dir, info, max_positions)
+    model = RotatedModel(model_dir, info, max_positions, dtype)
     model.model.to(device)
     return model, AutoTokenizer.from_pretrained(model_dir)
 

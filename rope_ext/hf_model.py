@@ -48,6 +48,10 @@ class RotatedModel:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
     def use(self, factor_set: FactorSet | None) -> None:
         """Rotate with ``factor_set``; None restores the model's own rotary embedding.
 

@@ -45,9 +45,12 @@ class EvaluationCache:
             f.write(json.dumps({"context": self.context, "key": genome.key, "ppl": ppl, "seconds": seconds}) + "\n")
 
 
-def fingerprint(info: ModelInfo, window: int, samples: list[Sample], mode: str) -> str:
-    """What a perplexity depends on besides the genome: model, window, scored tokens, mode."""
-    h = hashlib.sha256(json.dumps([info.model_dump(), window, mode]).encode())
+def fingerprint(info: ModelInfo, window: int, samples: list[Sample], mode: str, dtype: str = "float32") -> str:
+    """What a perplexity depends on besides the genome: model, window, scored tokens, mode, dtype.
+
+    float32 adds nothing to the hash, so caches written before the dtype was a choice still replay.
+    """
+    h = hashlib.sha256(json.dumps([info.model_dump(), window, mode] + ([dtype] if dtype != "float32" else [])).encode())
     for sample in samples:
         h.update(sample.ids.numpy().tobytes())
         if sample.scored is not None:
@@ -70,7 +73,8 @@ class SearchRun:
 
     def run(self) -> tuple[Ladder, SearchResult]:
         info = self.model.info
-        cache = EvaluationCache(self.cache_path, fingerprint(info, self.window, self.samples, self.space.mode))
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        cache = EvaluationCache(self.cache_path, fingerprint(info, self.window, self.samples, self.space.mode, dtype))
         bar = tqdm(total=self.config.evaluations, unit="eval", desc=f"search {self.set_name} @ {self.window}")
         best = float("inf")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +98,8 @@ class SearchRun:
             best = min(best, done.ppl)
             record = {"iteration": done.iteration, "origin": done.origin, "ppl": done.ppl, "seconds": last_seconds,
                       "n_hat": done.genome.n_hat, "factors": list(done.genome.factors)}
+            if done.genome.attention_scale is not None:
+                record["attention_scale"] = done.genome.attention_scale
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(best_ppl=f"{best:.3f}", iteration=done.iteration)
@@ -113,9 +119,11 @@ def search_summary(result: SearchResult, config: SearchConfig, space: SearchSpac
     seeds = {e.origin: e.ppl for e in result.history if e.iteration == 0 and e.origin != "mutant"}
     return {
         "config": asdict(config),
-        "space": {"mode": space.mode, "bounds": list(space.bounds), "critical": space.critical},
+        "space": {"mode": space.mode, "bounds": list(space.bounds), "critical": space.critical,
+                  "scale_bounds": list(space.scale_bounds) if space.scale_bounds else None},
         "evaluations": len(result.history),
         "seed_ppl": seeds,
         "best": {"ppl": result.best.ppl, "origin": result.best.origin, "iteration": result.best.iteration,
-                 "n_hat": result.best.genome.n_hat, "factors": list(result.best.genome.factors)},
+                 "n_hat": result.best.genome.n_hat, "factors": list(result.best.genome.factors),
+                 "attention_scale": result.best.genome.attention_scale},
     }

@@ -16,7 +16,7 @@ from rope_ext.baselines import plain_set
 from rope_ext.cli import main
 from rope_ext.corpus import BOOKS_DIR
 from rope_ext.evaluation import load_model, method_sets
-from rope_ext.factors import load_ladder
+from rope_ext.factors import default_attention_scale, load_ladder
 from rope_ext.passkey import needle_samples, passkey_sample, passkey_trials
 from rope_ext.perplexity import Sample, documents, perplexity
 from rope_ext.tiny_model import TINY_MAX_LEN, TINY_W0
@@ -128,10 +128,10 @@ def test_eval_passkey_command_writes_json_and_png(tiny, tmp_path):
     assert out.with_suffix(".png").exists()
 
 
-def _search(model_dir, out, cache, iterations: int, mode: str = "v1") -> list[dict]:
+def _search(model_dir, out, cache, iterations: int, mode: str = "v1", extra: tuple[str, ...] = ()) -> list[dict]:
     code = main(["search", "--model", str(model_dir), "--window", "1024", "--data", str(BOOK), "-o", str(out),
                  "--population", "5", "--iterations", str(iterations), "--parents", "3", "--mutations", "2",
-                 "--crossovers", "1", "--seed", "1", "--cache", str(cache), "--mode", mode])
+                 "--crossovers", "1", "--seed", "1", "--cache", str(cache), "--mode", mode, *extra])
     assert code == 0
     return [json.loads(line) for line in out.with_name(out.stem + ".log.jsonl").read_text().splitlines()]
 
@@ -157,6 +157,41 @@ def test_search_command_writes_the_best_set_and_resumes_from_its_cache(tiny, tmp
     assert any(e["seconds"] > 0 for e in second[len(first) :])
     summary = json.loads(out.with_name("long.summary.json").read_text())
     assert summary["best"]["ppl"] == min(e["ppl"] for e in second)
+
+
+def test_scale_search_finds_a_known_better_scale_on_the_tiny_model(tiny, tmp_path):
+    """Text sampled from the model rotated with PI's λ at attention scale 1.4 is likeliest near 1.4. With
+    λ held at PI's (bounds [4, 4]), a search that varies the scale finds it and beats the seed, which
+    carries the formula's 1.118."""
+    from rope_ext.search import SearchConfig, SearchSpace
+    from rope_ext.search_run import SearchRun, search_summary
+
+    model, _, ladder, *_ = tiny
+    pi = method_sets(ladder, 1024)["pi"]
+    assert set(pi.factors) == {4.0}
+    model.use(pi.model_copy(update={"attention_scale": 1.4}))
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        ids = model.model.generate(torch.tensor([[1]]), do_sample=True, top_k=0, temperature=1.0,
+                                   max_new_tokens=1023, min_new_tokens=1023)[0]
+    samples = [Sample(ids)]
+    formula = round(default_attention_scale(1024, TINY_W0), 3)
+    known = {s: perplexity(model, pi.model_copy(update={"attention_scale": s}), samples).all for s in (formula, 1.4)}
+    assert known[1.4] < known[formula] * 0.8  # the premise, measured: 1.4 is far better than the formula
+
+    space = SearchSpace.for_model(model.info, 1024, lower=4.0, upper=4.0, scale_bounds=(1.0, 2.0))
+    config = SearchConfig(population=6, iterations=8, parents=3, mutations=3, crossovers=1, seed=1, scale_sigma=0.1)
+    run = SearchRun(model, samples, 1024, space, config, tmp_path / "cache.jsonl", tmp_path / "log.jsonl", "long")
+    found, result = run.run()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    seeds = [e for e in log if e["origin"] in ("pi", "ntk", "yarn")]
+    assert [e["attention_scale"] for e in seeds] == [formula]  # NTK and YaRN clip to PI's λ: one seed
+    assert result.best.ppl < seeds[0]["ppl"]
+    assert abs(found.sets[0].attention_scale - 1.4) < 0.1
+    assert perplexity(model, found.sets[0], samples).all == pytest.approx(result.best.ppl, rel=1e-5)
+    summary = search_summary(result, config, space)
+    assert summary["space"]["scale_bounds"] == [1.0, 2.0]
+    assert summary["best"]["attention_scale"] == found.sets[0].attention_scale
 
 
 def test_v2_search_scores_only_needle_answers(tiny, tmp_path):

@@ -122,8 +122,53 @@ def test_cli_defaults_come_from_the_search_config_and_the_baseline_registry():
     assert {name: getattr(args, name) for name in asdict(SearchConfig())} == asdict(SearchConfig())
     args = parser.parse_args(["search", "--window", "512", "--data", "x", "-o", "out.json", "--mutation-sigma", "0.2"])
     assert args.mutation_sigma == 0.2
+    assert (args.search_scale, args.scale_min, args.scale_max, args.dtype) == (False, 1.0, 1.5, "float32")
     baseline = ["factors", "baseline", "--model", "m", "--window", "9", "-o", "o", "--method"]
     for method in METHODS:
         assert parser.parse_args([*baseline, method]).method == method
     with pytest.raises(SystemExit):
         parser.parse_args([*baseline, "rope-x"])
+
+
+def test_a_searched_scale_starts_at_the_formula_and_stays_in_its_bounds():
+    from rope_ext.factors import default_attention_scale
+
+    space = SearchSpace.for_model(SMOL, 32768, scale_bounds=(1.0, 1.5))
+    seeds = seed_genomes(SMOL, 32768, space)
+    assert {g.attention_scale for g in seeds.values()} == {round(default_attention_scale(32768, 8192), 3)}
+    rng = random.Random(2)
+    scales = set()
+    for _ in range(300):
+        child = crossover(mutate(rng.choice(list(seeds.values())), space, rng, 0.5, 0.2, scale_sigma=0.3),
+                          rng.choice(list(seeds.values())), space, rng)
+        assert _valid(child, space) and 1.0 <= child.attention_scale <= 1.5
+        assert abs(child.attention_scale * 1000 - round(child.attention_scale * 1000)) < 1e-6
+        scales.add(child.attention_scale)
+    assert len(scales) > 10  # the scale really moves
+    with pytest.raises(ValueError, match="attention scale"):
+        space.project([1.0] * 32, 0)
+
+
+def test_a_genome_without_a_searched_scale_keeps_its_old_cache_key():
+    """Caches of searches run before the scale was searchable replay unchanged."""
+    plain = Genome((1.0, 1.5), 4)
+    assert plain.key == "n4:1.00,1.50"
+    assert Genome((1.0, 1.5), 4, 1.25).key == "n4:1.00,1.50:s1.250"
+    assert Genome((1.0, 1.5), 4, 1.25).factor_set("long", 16384, SMOL).attention_scale == 1.25
+
+
+def test_the_search_finds_a_known_better_scale():
+    """Fitness best at scale 1.3 (the formula gives 1.076 at 2×): the scale search gets near it and
+    beats the same search without it, whose sets all carry the formula's scale."""
+    target = tuple(min(1.0 + 0.05 * i, 2.5) for i in range(32))
+
+    def fitness(genome: Genome) -> float:
+        scale = genome.factor_set("long", 16384, SMOL).attention_scale
+        return 10.0 + sum((a - b) ** 2 for a, b in zip(genome.factors, target)) + 20 * (scale - 1.3) ** 2
+
+    config = SearchConfig(population=16, iterations=10, parents=8, mutations=8, crossovers=8, seed=3, scale_sigma=0.05)
+    fixed = evolve(SMOL, 16384, fitness, SearchSpace.for_model(SMOL, 16384), config)
+    searched = evolve(SMOL, 16384, fitness, SearchSpace.for_model(SMOL, 16384, scale_bounds=(1.0, 1.5)), config)
+    assert fixed.best.genome.attention_scale is None
+    assert abs(searched.best.genome.attention_scale - 1.3) < 0.1
+    assert searched.best.ppl < fixed.best.ppl

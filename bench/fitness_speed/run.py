@@ -89,7 +89,7 @@ def main() -> None:
                    f"({row['bfloat16_s']:.0f} s)")
 
     f32, bf16 = [r["float32_ppl"] for r in rows], [r["bfloat16_ppl"] for r in rows]
-    close = [i for i, r in enumerate(rows) if r["float32_ppl"] < 40]  # without PI's far-off seeds
+    close = [i for i, r in enumerate(rows) if r["float32_ppl"] < 40]  # without far-off candidates (PI-like)
     result = {
         "command": f"python -m bench.fitness_speed.run --candidates {args.candidates}",
         "date": date.today().isoformat(),

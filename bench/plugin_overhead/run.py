@@ -70,7 +70,9 @@ def bench_ladder(model: Path) -> Path:
     return factors
 
 
-def run_engine(mode: str, model: str, factors: str, eager: bool, repeats: int) -> dict:
+def run_engine(mode: str, model: str, factors: str, eager: bool, repeats: int,
+               module: str = "bench.plugin_overhead.run") -> dict:
+    """``module --measure`` in a fresh process, as the stock or the plugin engine; its RESULT line."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     if mode == "plugin":
         env["LONGROPE_FACTORS"] = factors
@@ -79,7 +81,7 @@ def run_engine(mode: str, model: str, factors: str, eager: bool, repeats: int) -
         env["LONGROPE_PLUGIN"] = "0"
         env.pop("LONGROPE_FACTORS", None)
     out = subprocess.run(
-        [sys.executable, "-m", "bench.plugin_overhead.run", "--measure", model, "--repeats", str(repeats)]
+        [sys.executable, "-m", module, "--measure", model, "--repeats", str(repeats)]
         + (["--eager"] if eager else []),
         cwd=REPO, env=env, capture_output=True, text=True, check=False,
     )

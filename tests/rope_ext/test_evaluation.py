@@ -15,10 +15,10 @@ import torch
 from rope_ext.baselines import plain_set
 from rope_ext.cli import main
 from rope_ext.corpus import BOOKS_DIR
-from rope_ext.evaluation import load_model, method_sets
+from rope_ext.evaluation import Measurements, load_model, method_sets, passkey_report, perplexity_report
 from rope_ext.factors import default_attention_scale, load_ladder
-from rope_ext.passkey import needle_samples, passkey_sample, passkey_trials
-from rope_ext.perplexity import Sample, documents, perplexity
+from rope_ext.passkey import needle_samples, passkey_sample, passkey_trials, spread_depths, trial_plan, wilson_interval
+from rope_ext.perplexity import Sample, documents, perplexity, sliding_perplexity
 from rope_ext.tiny_model import TINY_MAX_LEN, TINY_W0
 
 BOOK = BOOKS_DIR / "moby-dick.txt"
@@ -59,6 +59,55 @@ def test_perplexity_reports_positions_past_w0_apart(tiny):
     assert result.past_w0 == pytest.approx(math.exp(nll[TINY_W0 - 1 :].mean()), rel=1e-5)
     short = perplexity(model, ladder.sets[1], [Sample(sample.ids[:100])])
     assert short.past_w0 is None
+
+
+def test_sliding_perplexity_scores_every_position_past_w0_once(tiny):
+    model, tokenizer, *_ = tiny
+    length = 3 * TINY_W0 + 37  # the last block is short
+    sample = documents(tokenizer, BOOK, length)[0]
+    floor = sliding_perplexity(model, [sample], window=TINY_W0, stride=TINY_W0 // 4)
+    assert floor.tokens == length - TINY_W0
+    assert floor.all == floor.past_w0
+    # A window holding the whole sample cuts nothing: one full forward's past-W0 perplexity.
+    uncut = sliding_perplexity(model, [sample], window=length, stride=100)
+    full = perplexity(model, None, [sample])
+    assert uncut.tokens == floor.tokens
+    assert uncut.past_w0 == pytest.approx(full.past_w0, rel=1e-5)
+    assert floor.past_w0 != pytest.approx(full.past_w0, rel=1e-3)  # the cut context shows
+
+
+def test_sliding_perplexity_by_hand(tiny):
+    """W0 = 256, 356 tokens, window 128, stride 48: three forwards, each scoring only its new tokens."""
+    model, tokenizer, *_ = tiny
+    sample = documents(tokenizer, BOOK, TINY_W0 + 100)[0]
+    model.use(None)
+    # (window start, window end): scored positions are the last ones, from 256 on, 48 at a time.
+    blocks = [(176, 304, 48), (224, 352, 48), (228, 356, 4)]
+    nll = torch.cat([model.token_nll(sample.ids[start:end])[-scored:] for start, end, scored in blocks])
+    floor = sliding_perplexity(model, [sample], window=128, stride=48)
+    assert floor.tokens == 100 == nll.numel()
+    assert floor.past_w0 == pytest.approx(math.exp(nll.mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="each block needs context"):
+        sliding_perplexity(model, [sample], window=128, stride=128)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        sliding_perplexity(model, [Sample(sample.ids[:TINY_W0])], window=128, stride=32)
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(1, 2) == pytest.approx((0.0945, 0.9055), abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_spread_depths_cover_the_window_and_keys_repeat_across_cells():
+    assert spread_depths(10) == pytest.approx([0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95])
+    plan = trial_plan(spread_depths(10), 1, seed=0)
+    assert [d for d, _ in plan] == spread_depths(10) and len({k for _, k in plan}) == 10
+    assert trial_plan(spread_depths(10), 1, seed=0) == plan
+    assert [d for d, _ in trial_plan([0.2, 0.8], 2, seed=0)] == [0.2, 0.2, 0.8, 0.8]
 
 
 def test_documents_are_consecutive_chunks_and_refuse_short_books(tiny, tmp_path):
@@ -126,6 +175,53 @@ def test_eval_passkey_command_writes_json_and_png(tiny, tmp_path):
         (256, "plain"), (256, "ladder"), (1024, "plain"), (1024, "ladder")}
     assert all(len(r["trials"]) == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in report["results"])
     assert out.with_suffix(".png").exists()
+
+
+def test_eval_ppl_sliding_floor_only_past_w0(tiny, tmp_path):
+    *_, model_dir, factors = tiny
+    out = tmp_path / "ppl.json"
+    code = main(["eval", "ppl", "--model", str(model_dir), "--factors", str(factors), "--lengths", "256,512",
+                 "--data", str(BOOK), "--methods", "plain,sliding", "-o", str(out)])
+    assert code == 0
+    rows = {(r["length"], r["method"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {(256, "plain"), (512, "plain"), (512, "sliding")}
+    floor = rows[(512, "sliding")]
+    assert floor["ppl"] is None and floor["ppl_past_w0"] > 0
+    assert (floor["tokens"], floor["window"], floor["stride"]) == (512 - TINY_W0, TINY_W0, TINY_W0 // 4)
+
+
+def test_eval_passkey_depth_count_spreads_one_key_per_depth(tiny, tmp_path):
+    *_, model_dir, factors = tiny
+    out = tmp_path / "passkey.json"
+    code = main(["eval", "passkey", "--model", str(model_dir), "--factors", str(factors), "--lengths", "256",
+                 "--depth-count", "4", "--trials", "1", "--methods", "plain", "-o", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["depths"] == [0.125, 0.375, 0.625, 0.875] and report["trials_per_cell"] == 4
+    (row,) = report["results"]
+    assert [t["depth"] for t in row["trials"]] == report["depths"]
+    assert row["n"] == 4 and row["passed"] == sum(t["passed"] for t in row["trials"])
+    assert row["interval"] == list(wilson_interval(row["passed"], 4))
+
+
+def test_reports_resume_from_their_measurements_file(tiny, tmp_path, monkeypatch):
+    model, tokenizer, _, _, factors = tiny
+    rows = tmp_path / "rows.jsonl"
+    ppl = perplexity_report(model, tokenizer, factors, BOOK, [512], 1, ["set:mid", "ladder", "sliding"],
+                            Measurements(rows))
+    passkey = passkey_report(model, tokenizer, factors, [256], [0.3, 0.7], 1, 0, ["plain"], Measurements(rows))
+    assert len(rows.read_text().splitlines()) == 2 + 2  # ladder at 512 *is* set:mid: measured once
+    with rows.open("a") as f:
+        f.write('{"key": "cut short by a ki')  # a kill mid-write loses that line only
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a finished measurement was computed again")
+
+    monkeypatch.setattr(model, "token_scores", no_forward)
+    again = Measurements(rows)
+    assert perplexity_report(model, tokenizer, factors, BOOK, [512], 1, ["set:mid", "ladder", "sliding"],
+                             again)["results"] == ppl["results"]
+    assert passkey_report(model, tokenizer, factors, [256], [0.3, 0.7], 1, 0, ["plain"], again) == passkey
 
 
 def _search(model_dir, out, cache, iterations: int, mode: str = "v1", extra: tuple[str, ...] = ()) -> list[dict]:

@@ -25,18 +25,21 @@ def inv_freq(factors: Sequence[float], rope_theta: float, rotary_dim: int) -> to
 
 
 def rotary_tables(
-    factor_set: FactorSet, rope_theta: float, rotary_dim: int, num_positions: int
+    factor_set: FactorSet, rope_theta: float, rotary_dim: int, num_positions: int,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each [num_positions, rotary_dim / 2], for one factor set.
 
     Rows below n_hat use the plain frequencies (LongRoPE keeps the first tokens unscaled);
-    every row is multiplied by the set's attention scale.
+    every row is multiplied by the set's attention scale. ``device`` builds the tables where
+    they are used (the search builds one per evaluation: on a GPU, no host work and no copy);
+    inv_freq itself is always computed on the CPU, so only cos and sin run elsewhere.
     """
-    positions = torch.arange(num_positions, dtype=torch.float32)
-    scaled = torch.outer(positions, inv_freq(factor_set.factors, rope_theta, rotary_dim))
+    positions = torch.arange(num_positions, dtype=torch.float32, device=device)
+    scaled = torch.outer(positions, inv_freq(factor_set.factors, rope_theta, rotary_dim).to(device=device))
     if factor_set.n_hat:
-        plain = torch.outer(positions[: factor_set.n_hat], inv_freq([1.0] * (rotary_dim // 2), rope_theta, rotary_dim))
-        scaled[: factor_set.n_hat] = plain
+        plain_freq = inv_freq([1.0] * (rotary_dim // 2), rope_theta, rotary_dim).to(device=device)
+        scaled[: factor_set.n_hat] = torch.outer(positions[: factor_set.n_hat], plain_freq)
     scale = factor_set.attention_scale if factor_set.attention_scale is not None else 1.0
     return scaled.cos() * scale, scaled.sin() * scale
 

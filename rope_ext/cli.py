@@ -130,6 +130,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model, args.window, args.device, getattr(torch, args.dtype))
     info = model.info
+    if args.window < info.original_window:  # no set may be shorter than W0: refuse before any evaluation
+        print(f"error: --window {args.window} is below the model's original window {info.original_window}",
+              file=sys.stderr)
+        return 2
     name = args.name or ("short" if args.window <= info.original_window else "long")
     if args.mode == "v2":
         from rope_ext.passkey import needle_samples

@@ -255,6 +255,14 @@ def test_search_command_writes_the_best_set_and_resumes_from_its_cache(tiny, tmp
     assert summary["best"]["ppl"] == min(e["ppl"] for e in second)
 
 
+def test_search_below_the_original_window_is_refused_before_any_evaluation(tiny, tmp_path, capsys):
+    model_dir = tiny[3]
+    out = tmp_path / "short.json"
+    code = main(["search", "--model", str(model_dir), "--window", "128", "--data", str(BOOK), "-o", str(out)])
+    assert code == 2 and "below the model's original window 256" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name("short.log.jsonl").exists()
+
+
 def test_scale_search_finds_a_known_better_scale_on_the_tiny_model(tiny, tmp_path):
     """Text sampled from the model rotated with PI's λ at attention scale 1.4 is likeliest near 1.4. With
     λ held at PI's (bounds [4, 4]), a search that varies the scale finds it and beats the seed, which

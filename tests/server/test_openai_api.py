@@ -252,7 +252,7 @@ def test_content_as_text_parts(client):
 def test_models_lists_the_ladder(client):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
-    assert [s["name"] for s in models[0].model_extra["rope_sets"]] == ["short", "long"]
+    assert [s["name"] for s in models[0].model_extra["rope_sets"]] == ["short", "long", "long-32k"]
 
 
 # ---- errors: status, type and code ----
@@ -281,9 +281,9 @@ def test_client_mistakes_are_400_never_500(smollm2_server, body, param):
 
 
 def test_prompt_no_set_holds_is_context_length_exceeded(client):
-    err = error_of(lambda: client.completions.create(model=MODEL, prompt=[100] * 17000, max_tokens=4))
+    err = error_of(lambda: client.completions.create(model=MODEL, prompt=[100] * 33000, max_tokens=4))
     assert err.status_code == 400 and err.body["code"] == "context_length_exceeded"
-    assert "16384" in err.body["message"]
+    assert "32768" in err.body["message"]
 
 
 def test_max_tokens_absent_fills_the_window_and_stops_at_eos(client):

@@ -250,7 +250,9 @@ def _add_eval_parser(sub) -> None:
                    help="instead of --depths: N depths spread over the window, (i + 0.5) / N")
     p.add_argument("--trials", type=int, default=2, help="keys per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", type=lambda t: t.split(","), help="subset, e.g. plain,yarn,ladder")
+    p.add_argument("--methods", type=lambda t: t.split(","),
+                   help="subset, e.g. plain,yarn,ladder (default: all but sliding); sliding, run only when named: "
+                        "plain RoPE on the prompt's last W0 tokens")
     p.add_argument("-o", "--output", type=Path, required=True, help="JSON report; the PNG goes beside it")
     p.set_defaults(func=cmd_eval_passkey)
 

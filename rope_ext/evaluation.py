@@ -7,9 +7,9 @@ Methods compared at a length L (names used in reports and ``--methods``):
   NTK is what dynamic NTK computes there);
 - ``set:<name>``: one set of the factor file, whatever L is;
 - ``ladder``: the set the server would start an L-token request in (the regime rule itself);
-- ``sliding`` (perplexity only, when asked for): the floor, plain RoPE that sees only the
-  last W0 tokens (:func:`rope_ext.perplexity.sliding_perplexity`). Passkey has no such row:
-  a key more than W0 tokens back is out of its sight by construction.
+- ``sliding`` (when asked for, at lengths past W0): the floor, plain RoPE that sees only the
+  last W0 tokens (perplexity: :func:`rope_ext.perplexity.sliding_perplexity`; passkey: the
+  prompt's last W0 tokens, so a key further back is out of its sight).
 """
 
 from __future__ import annotations
@@ -113,10 +113,10 @@ def _ppl_measurement(score: Callable[[], Perplexity], past_only: bool) -> dict[s
 
 
 def _passkey_measurement(model: RotatedModel, tokenizer: Any, fs: FactorSet, length: int, depth: float,
-                         key: int) -> dict[str, Any]:
+                         key: int, context: int | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     model.use(fs)
-    return {"passed": passkey_trial(model, tokenizer, length, depth, key).passed,
+    return {"passed": passkey_trial(model, tokenizer, length, depth, key, context).passed,
             "seconds": time.perf_counter() - start}
 
 
@@ -158,7 +158,8 @@ def perplexity_report(model: RotatedModel, tokenizer: Any, factors: Path | None,
             print(f"{length:>6} {method:<14} ppl {_number(value['ppl'])}  past W0 {_number(value['ppl_past_w0'])}"
                   f"  ({value['seconds']:.0f} s{', measured before' if cached else ''})", flush=True)
     return {"model": ladder.model.model_dump(), "factors": str(factors or DEFAULT_LADDER), "data": books,
-            "documents_per_book": per_book, "device": str(model.device), "torch_threads": torch.get_num_threads(),
+            "documents_per_book": per_book, "device": str(model.device), "dtype": str(model.dtype),
+            "torch_threads": torch.get_num_threads(),
             "results": rows}
 
 
@@ -168,20 +169,26 @@ def passkey_report(model: RotatedModel, tokenizer: Any, factors: Path | None, le
     """Pass rate per length and method, with its Wilson 95 % interval and every trial (depth effects stay visible).
 
     A cell is one (length, method): ``trials`` keys at each depth, the same keys for every
-    cell. ``done`` keeps finished trials (a rerun skips them); by default they live in memory.
+    cell. ``sliding`` (when ``wanted`` names it, at lengths past W0) is plain RoPE on the
+    prompt's last W0 tokens. ``done`` keeps finished trials (a rerun skips them); by default
+    they live in memory.
     """
     ladder = load_ladder(factors or DEFAULT_LADDER)
     done = done if done is not None else Measurements()
     plan = trial_plan(depths, trials, seed)
+    w0 = model.info.original_window
     base = {"measure": "passkey", "model": model.info.name, "dtype": str(model.dtype)}
     rows = []
     for length in lengths:
-        for method, fs in _selected(method_sets(ladder, length), wanted).items():
+        methods = {method: (fs, None, {}) for method, fs in _selected(method_sets(ladder, length), wanted).items()}
+        if wanted and SLIDING in wanted and length > w0:
+            methods[SLIDING] = (method_sets(ladder, length)["plain"], w0, {"sliding": w0})
+        for method, (fs, context, what) in methods.items():
             found = []
             for depth, key in plan:
                 value, cached = done.get_or_measure(
-                    base | {"length": length, "set": set_digest(fs), "depth": depth, "key": key},
-                    partial(_passkey_measurement, model, tokenizer, fs, length, depth, key))
+                    base | {"length": length, "set": set_digest(fs), "depth": depth, "key": key} | what,
+                    partial(_passkey_measurement, model, tokenizer, fs, length, depth, key, context))
                 found.append({"depth": depth, "key": key, "passed": value["passed"]})
                 if not cached:
                     print(f"{length:>6} {method:<14} depth {depth:.3f} key {key}: "
@@ -189,12 +196,13 @@ def passkey_report(model: RotatedModel, tokenizer: Any, factors: Path | None, le
             passed = sum(t["passed"] for t in found)
             low, high = wilson_interval(passed, len(found))
             rows.append({"length": length, "method": method, "set": fs.name, "accuracy": passed / len(found),
-                         "passed": passed, "n": len(found), "interval": [low, high], "trials": found})
+                         "passed": passed, "n": len(found), "interval": [low, high], "trials": found}
+                        | ({"context": context} if context else {}))
             print(f"{length:>6} {method:<14} passkey {passed}/{len(found)}, 95 % interval [{low:.2f}, {high:.2f}]",
                   flush=True)
     return {"model": ladder.model.model_dump(), "factors": str(factors or DEFAULT_LADDER), "depths": depths,
             "keys_per_depth": trials, "trials_per_cell": len(plan), "interval": "Wilson score, 95 %", "seed": seed,
-            "device": str(model.device), "results": rows}
+            "device": str(model.device), "dtype": str(model.dtype), "results": rows}
 
 
 def write_report(report: dict[str, Any], output: Path, kind: str) -> None:

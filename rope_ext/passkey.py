@@ -82,9 +82,25 @@ def trial_plan(depths: list[float], trials: int, seed: int) -> list[tuple[float,
     return [(depth, rng.randint(10000, 99999)) for depth in depths for _ in range(trials)]
 
 
-def passkey_trial(model: RotatedModel, tokenizer, length: int, depth: float, key: int) -> PasskeyTrial:
-    """One prompt, one forward, with whatever set ``model`` is rotated with now."""
+def last_tokens(sample: Sample, context: int) -> Sample:
+    """The sample as a model that sees only its last ``context`` tokens gets it (the sliding floor).
+
+    The answer sits at the end, so it stays scored; a key further back than ``context`` is cut off.
+    """
+    if context >= len(sample.ids):
+        return sample
+    return Sample(sample.ids[-context:], None if sample.scored is None else sample.scored[-(context - 1) :])
+
+
+def passkey_trial(model: RotatedModel, tokenizer, length: int, depth: float, key: int,
+                  context: int | None = None) -> PasskeyTrial:
+    """One prompt, one forward, with whatever set ``model`` is rotated with now.
+
+    ``context``: the model sees only the prompt's last ``context`` tokens (the sliding-window floor).
+    """
     sample = passkey_sample(tokenizer, length, depth, key)
+    if context is not None:
+        sample = last_tokens(sample, context)
     _, top1 = model.token_scores(sample.ids)
     return PasskeyTrial(length, depth, key, bool(top1[sample.scored].all()))
 

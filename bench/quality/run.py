@@ -8,22 +8,24 @@ same scoring forward for every method (float32 unless --dtype):
   at lengths the ladder holds), and past W0 only ``sliding``: plain RoPE seeing only the last
   W0 tokens (windows of W0 tokens advanced by W0/4, so a scored token sees 3/4·W0 to W0 - 1
   tokens), the floor an extension must beat to be worth its memory;
-- passkey at 16k and 32k: plain, pi, ntk, yarn, ladder; 10 trials per (length, method) cell,
+- passkey at 16k and 32k: plain, pi, ntk, yarn, ladder and sliding (plain RoPE on the prompt's
+  last W0 tokens: a key further back is out of its sight); 10 trials per (length, method) cell,
   one key at each depth (i + 0.5) / 10, so keys sit over the whole window; the pass rate
-  comes with its Wilson 95 % interval. ``sliding`` has no passkey row: a key more than W0
-  tokens before the question is out of its sight by construction;
+  comes with its Wilson 95 % interval;
 - the scoring forward timed against a plain transformers forward (full logits, then
   cross-entropy) on the same 16k tokens, with both perplexities: the search's speed claim.
 
 Every finished measurement is appended to bench/quality/rows.jsonl at once; rerun a killed run
 with the same arguments and it skips what that file holds and goes on. The reports
-(ppl.json, passkey.json, their PNGs, results.json) are written from it at the end.
+(ppl.json, passkey.json, their PNGs, results.json) are written from it at the end; a sitting in
+another dtype writes its own (passkey-bfloat16.json, ...), and ``--lengths ""`` skips perplexity.
 
     .venv/bin/python -m bench.quality.run                     # everything: about 7 hours here
     .venv/bin/python -m bench.quality.run --lengths 4096,8192,16384 --passkey-lengths 16384
+    .venv/bin/python -m bench.quality.run --dtype bfloat16 --lengths "" --speed-length 0 --passkey-lengths 32768,16384
 
-Budget on the 2-core development machine: a 16k forward is ~140 s, a 32k one ~5 min; the
-passkey cells (one forward per trial) are most of it.
+Budget on the 2-core development machine, float32: a 16k forward is ~70 s, a 32k one ~4 min;
+the passkey cells (one forward per trial) are most of it. bfloat16 is about 3x faster.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from rope_ext.perplexity import documents
 
 HERE = Path(__file__).resolve().parent
 ROWS = HERE / "rows.jsonl"
-PASSKEY_METHODS = "plain,pi,ntk,yarn,ladder"
+PASSKEY_METHODS = "plain,pi,ntk,yarn,ladder,sliding"
 
 
 def scoring_speed(model: RotatedModel, tokenizer, length: int, data: Path) -> dict:
@@ -97,17 +99,18 @@ def main() -> None:
     data = BOOKS_DIR / args.book
     ladder = load_ladder(args.factors)
     methods = args.methods or ["plain", "pi", "ntk", "yarn", *(f"set:{n}" for n in ladder.names), "ladder", SLIDING]
-    if SLIDING in args.passkey_methods:
-        parser.error("sliding has no passkey row: a key more than W0 tokens back is out of its sight")
     started = time.time()
     done = Measurements(ROWS)
     print(f"{len(done.entries)} measurements already in {ROWS}", flush=True)
     model, tokenizer = load_model(None, max(args.lengths + args.passkey_lengths + [args.speed_length]),
                                   args.device, getattr(torch, args.dtype))
 
-    ppl = perplexity_report(model, tokenizer, args.factors, data, args.lengths, 1, methods, done)
-    write_report(ppl, HERE / "ppl.json", kind="ppl")
-    reports = ["ppl.json"]
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"  # a bfloat16 sitting keeps the float32 reports
+    reports = []
+    if args.lengths:
+        ppl = perplexity_report(model, tokenizer, args.factors, data, args.lengths, 1, methods, done)
+        write_report(ppl, HERE / f"ppl{suffix}.json", kind="ppl")
+        reports.append(f"ppl{suffix}.json")
     speed = None
     if args.speed_length:
         key = {"measure": "speed", "model": model.info.name, "dtype": str(model.dtype), "data": [args.book],
@@ -117,8 +120,8 @@ def main() -> None:
     if args.passkey_lengths:
         passkey = passkey_report(model, tokenizer, args.factors, args.passkey_lengths, spread_depths(args.trials),
                                  1, 0, args.passkey_methods, done)
-        write_report(passkey, HERE / "passkey.json", kind="passkey")
-        reports.append("passkey.json")
+        write_report(passkey, HERE / f"passkey{suffix}.json", kind="passkey")
+        reports.append(f"passkey{suffix}.json")
 
     results = {
         "date": date.today().isoformat(),
@@ -133,8 +136,8 @@ def main() -> None:
         "rows": ROWS.name,
         "reports": reports,
     }
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {HERE / 'results.json'}")
+    (HERE / f"results{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {HERE / f'results{suffix}.json'}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,15 @@ from rope_ext.cli import main
 from rope_ext.corpus import BOOKS_DIR
 from rope_ext.evaluation import Measurements, load_model, method_sets, passkey_report, perplexity_report
 from rope_ext.factors import default_attention_scale, load_ladder
-from rope_ext.passkey import needle_samples, passkey_sample, passkey_trials, spread_depths, trial_plan, wilson_interval
+from rope_ext.passkey import (
+    last_tokens,
+    needle_samples,
+    passkey_sample,
+    passkey_trials,
+    spread_depths,
+    trial_plan,
+    wilson_interval,
+)
 from rope_ext.perplexity import Sample, documents, perplexity, sliding_perplexity
 from rope_ext.tiny_model import TINY_MAX_LEN, TINY_W0
 
@@ -188,6 +196,26 @@ def test_eval_ppl_sliding_floor_only_past_w0(tiny, tmp_path):
     floor = rows[(512, "sliding")]
     assert floor["ppl"] is None and floor["ppl_past_w0"] > 0
     assert (floor["tokens"], floor["window"], floor["stride"]) == (512 - TINY_W0, TINY_W0, TINY_W0 // 4)
+
+
+def test_passkey_sliding_floor_sees_the_last_w0_tokens(tiny, tmp_path):
+    model, tokenizer, _, _, factors = tiny
+    deep, near = passkey_sample(tokenizer, 1024, 0.1, 12345), passkey_sample(tokenizer, 1024, 0.95, 12345)
+    needle = tokenizer(" The pass key is 12345.", add_special_tokens=False)["input_ids"]
+
+    def holds(ids: list[int]) -> bool:
+        return any(ids[i : i + len(needle)] == needle for i in range(len(ids)))
+
+    cut = last_tokens(deep, TINY_W0)
+    assert len(cut.ids) == TINY_W0 and cut.scored.sum() == deep.scored.sum() and cut.scored[-1]
+    assert holds(deep.ids.tolist()) and not holds(cut.ids.tolist())  # 0.9 · 1024 tokens back: out of sight
+    assert holds(last_tokens(near, TINY_W0).ids.tolist())
+
+    report = passkey_report(model, tokenizer, factors, [TINY_W0, 1024], [0.1, 0.95], 1, 0, ["plain", "sliding"])
+    rows = {(r["length"], r["method"]): r for r in report["results"]}
+    assert set(rows) == {(TINY_W0, "plain"), (1024, "plain"), (1024, "sliding")}  # no floor within W0
+    assert rows[(1024, "sliding")]["set"] == "plain" and rows[(1024, "sliding")]["context"] == TINY_W0
+    assert rows[(1024, "sliding")]["trials"][0]["passed"] is False  # its key was cut off
 
 
 def test_eval_passkey_depth_count_spreads_one_key_per_depth(tiny, tmp_path):

@@ -135,7 +135,7 @@ def cmd_search(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     name = args.name or ("short" if args.window <= info.original_window else "long")
-    if args.mode == "v2":
+    if (args.fitness or ("needle" if args.mode == "v2" else "ppl")) == "needle":
         from rope_ext.passkey import needle_samples
 
         samples = needle_samples(tokenizer, args.data, args.window, args.documents, args.seed)
@@ -211,6 +211,9 @@ def _add_search_parser(sub) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="factor file to write (one set)")
     p.add_argument("--name", help="set name (default: short at W0, long above)")
     p.add_argument("--mode", choices=["v1", "v2"], default="v1", help="v2: LongRoPE2 critical-dimension search")
+    p.add_argument("--fitness", choices=["ppl", "needle"],
+                   help="ppl: perplexity of whole documents; needle: of a passkey's answer hidden in each document "
+                        "(LongRoPE2; needs many documents to be stable). Default: needle in v2, ppl in v1")
     for setting in fields(SearchConfig):  # --population, --iterations, …: SearchConfig holds the defaults
         p.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default,
                        help=setting.metadata.get("help"))

@@ -336,6 +336,16 @@ def test_v2_search_scores_only_needle_answers(tiny, tmp_path):
     assert perplexity(model, found, samples).all == pytest.approx(min(e["ppl"] for e in log), rel=1e-5)
 
 
+def test_v2_space_with_document_perplexity(tiny, tmp_path):
+    model, tokenizer, _, model_dir, _ = tiny
+    log = _search(model_dir, tmp_path / "v2.json", tmp_path / "cache.jsonl", iterations=1, mode="v2",
+                  extra=("--fitness", "ppl"))
+    found = load_ladder(tmp_path / "v2.json").sets[0]
+    assert all(4.0 <= v <= 8.0 for v in found.factors[-5:]) and found.n_hat == 0  # the v2 space still
+    samples = documents(tokenizer, BOOK, 1024, 1)  # but every token of the document scored
+    assert perplexity(model, found, samples).all == pytest.approx(min(e["ppl"] for e in log), rel=1e-5)
+
+
 def test_merge_makes_one_ladder(tiny, tmp_path):
     *_, ladder, _, factors = tiny
     out = tmp_path / "merged.json"

@@ -131,7 +131,8 @@ def wilson_interval(passed: int, n: int, z: float = 1.959964) -> tuple[float, fl
     p, z2 = passed / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0/n and n/n the bound is exactly 0 or 1; the float sum misses it by an ulp, below the rate itself
+    return (0.0 if passed == 0 else centre - half), (1.0 if passed == n else centre + half)
 
 
 def needle_samples(tokenizer, data, length: int, per_book: int, seed: int) -> list[Sample]:

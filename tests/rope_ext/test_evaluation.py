@@ -105,6 +105,7 @@ def test_wilson_interval_known_values():
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(0, 10)[0] == 0.0  # never off the rate by an ulp
     assert wilson_interval(1, 2) == pytest.approx((0.0945, 0.9055), abs=1e-4)
     with pytest.raises(ValueError):
         wilson_interval(3, 2)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The paper-scale `longrope search` (population 64, 40 iterations, --search-scale, bfloat16) at
+# The paper-scale `longrope search` (population 64, 40 iterations, --search-scale, bfloat16, in
+# LongRoPE2's space scored on whole documents: --mode v2 --fitness ppl, as the shipped sets) at
 # 16384 then 32768 tokens on a lent GPU host: torch and transformers, no network, no vLLM.
 # Run from the repository root there, in two calls that scripts/gpu/pack.sh prepares and prints:
 #   stage   call 1 (carries .gpu/stage): the GGUF's first half and the wheels go to $ROOT.
@@ -206,6 +207,7 @@ search_steps() {
     # shellcheck disable=SC2086  # the extra flags are words
     timeout --signal=INT --kill-after=20 "$left" "$PY" -m rope_ext.cli search --model "$model" \
       --window "$window" --data "$PACK/search/books" --device "$DEVICE" --dtype bfloat16 --search-scale \
+      --mode v2 --fitness ppl \
       --name "$name" -o "$stem.json" ${LONGROPE_GPU_SEARCH_ARGS:-} || rc=$?
     summarize "$stem" "$window" "$(($(date +%s) - start))" "$rc"
     pack_results

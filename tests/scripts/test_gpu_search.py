@@ -102,8 +102,9 @@ def test_two_calls_search_every_window_and_return_one_archive(packed):
         assert (found.name, found.window) == (name, window)
         summary = json.loads(stem.with_name(stem.name + ".summary.json").read_text())
         assert summary["config"]["population"] == 4 and summary["space"]["scale_bounds"] == [1.0, 1.5]
-        assert {k: summary["arguments"][k] for k in ("device", "dtype", "search_scale")} == {
-            "device": "cpu", "dtype": "bfloat16", "search_scale": "True"}
+        assert {k: summary["arguments"][k] for k in ("device", "dtype", "search_scale", "mode", "fitness")} == {
+            "device": "cpu", "dtype": "bfloat16", "search_scale": "True", "mode": "v2", "fitness": "ppl"}
+        assert summary["space"]["mode"] == "v2"  # the shipped sets' space: critical dimensions at least s
     assert (back / "device.log").exists()
 
     # Called again while the host is warm: nothing is joined or installed twice, every evaluation replays.

@@ -106,22 +106,23 @@ def main() -> None:
                                   args.device, getattr(torch, args.dtype))
 
     suffix = "" if args.dtype == "float32" else f"-{args.dtype}"  # a bfloat16 sitting keeps the float32 reports
-    reports = []
     if args.lengths:
         ppl = perplexity_report(model, tokenizer, args.factors, data, args.lengths, 1, methods, done)
         write_report(ppl, HERE / f"ppl{suffix}.json", kind="ppl")
-        reports.append(f"ppl{suffix}.json")
     speed = None
     if args.speed_length:
         key = {"measure": "speed", "model": model.info.name, "dtype": str(model.dtype), "data": [args.book],
                "length": args.speed_length}
         speed, _ = done.get_or_measure(key, lambda: scoring_speed(model, tokenizer, args.speed_length, data))
         print(json.dumps(speed, indent=2), flush=True)
+    else:  # not measured in this sitting: the latest one in the rows, so results.json keeps it
+        keys = [json.loads(k) for k in done.entries]
+        speed = next((done.entries[json.dumps(k, sort_keys=True)] for k in reversed(keys)
+                      if k["measure"] == "speed" and k["dtype"] == str(model.dtype)), None)
     if args.passkey_lengths:
         passkey = passkey_report(model, tokenizer, args.factors, args.passkey_lengths, spread_depths(args.trials),
                                  1, 0, args.passkey_methods, done)
         write_report(passkey, HERE / f"passkey{suffix}.json", kind="passkey")
-        reports.append(f"passkey{suffix}.json")
 
     results = {
         "date": date.today().isoformat(),
@@ -134,7 +135,7 @@ def main() -> None:
         "hours_measured_in_rows": sum(v["seconds"] for v in done.entries.values()) / 3600,
         "scoring_speed": speed,
         "rows": ROWS.name,
-        "reports": reports,
+        "reports": [name for name in (f"ppl{suffix}.json", f"passkey{suffix}.json") if (HERE / name).exists()],
     }
     (HERE / f"results{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {HERE / f'results{suffix}.json'}")

@@ -180,9 +180,10 @@ def passkey_report(model: RotatedModel, tokenizer: Any, factors: Path | None, le
     base = {"measure": "passkey", "model": model.info.name, "dtype": str(model.dtype)}
     rows = []
     for length in lengths:
-        methods = {method: (fs, None, {}) for method, fs in _selected(method_sets(ladder, length), wanted).items()}
+        sets = method_sets(ladder, length)
+        methods = {method: (fs, None, {}) for method, fs in _selected(sets, wanted).items()}
         if wanted and SLIDING in wanted and length > w0:
-            methods[SLIDING] = (method_sets(ladder, length)["plain"], w0, {"sliding": w0})
+            methods[SLIDING] = (sets["plain"], w0, {"sliding": w0})
         for method, (fs, context, what) in methods.items():
             found = []
             for depth, key in plan:

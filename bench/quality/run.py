@@ -116,9 +116,8 @@ def main() -> None:
         speed, _ = done.get_or_measure(key, lambda: scoring_speed(model, tokenizer, args.speed_length, data))
         print(json.dumps(speed, indent=2), flush=True)
     else:  # not measured in this sitting: the latest one in the rows, so results.json keeps it
-        keys = [json.loads(k) for k in done.entries]
-        speed = next((done.entries[json.dumps(k, sort_keys=True)] for k in reversed(keys)
-                      if k["measure"] == "speed" and k["dtype"] == str(model.dtype)), None)
+        speed = next((value for key, value in reversed(done.entries.items())
+                      if json.loads(key)["measure"] == "speed" and json.loads(key)["dtype"] == str(model.dtype)), None)
     if args.passkey_lengths:
         passkey = passkey_report(model, tokenizer, args.factors, args.passkey_lengths, spread_depths(args.trials),
                                  1, 0, args.passkey_methods, done)

@@ -64,6 +64,11 @@ def _selected(methods: dict[str, FactorSet], wanted: list[str] | None) -> dict[s
     return {k: v for k, v in methods.items() if wanted is None or k in wanted}
 
 
+def _floor_wanted(wanted: list[str] | None, length: int, w0: int) -> bool:
+    """The sliding floor runs only when named, and only past W0 (within it, it *is* plain RoPE)."""
+    return bool(wanted) and SLIDING in wanted and length > w0
+
+
 def set_digest(fs: FactorSet) -> str:
     """What a set rotates with, its name left out: a renamed or identical set (``ladder`` and the
     ``set:`` it picks, ``set:short`` and ``plain`` when equal) is the same measurement."""
@@ -148,7 +153,7 @@ def perplexity_report(model: RotatedModel, tokenizer: Any, factors: Path | None,
         jobs = {method: (fs.name, {"set": set_digest(fs)},
                          partial(_ppl_measurement, partial(perplexity, model, fs, samples), False))
                 for method, fs in _selected(method_sets(ladder, length), wanted).items()}
-        if wanted and SLIDING in wanted and length > w0:
+        if _floor_wanted(wanted, length, w0):
             floor = partial(sliding_perplexity, model, samples, window, stride)
             jobs[SLIDING] = ("plain", {"sliding": [window, stride]}, partial(_ppl_measurement, floor, True))
         for method, (set_name, what, measure) in jobs.items():
@@ -182,7 +187,7 @@ def passkey_report(model: RotatedModel, tokenizer: Any, factors: Path | None, le
     for length in lengths:
         sets = method_sets(ladder, length)
         methods = {method: (fs, None, {}) for method, fs in _selected(sets, wanted).items()}
-        if wanted and SLIDING in wanted and length > w0:
+        if _floor_wanted(wanted, length, w0):
             methods[SLIDING] = (sets["plain"], w0, {"sliding": w0})
         for method, (fs, context, what) in methods.items():
             found = []

@@ -160,19 +160,23 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    import torch
+
     from rope_ext.evaluation import load_model, perplexity_report, write_report
 
-    model, tokenizer = load_model(args.model, max(args.lengths), args.device)
+    model, tokenizer = load_model(args.model, max(args.lengths), args.device, getattr(torch, args.dtype))
     report = perplexity_report(model, tokenizer, args.factors, args.data, args.lengths, args.documents, args.methods)
     write_report(report, args.output, kind="ppl")
     return 0
 
 
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
+    import torch
+
     from rope_ext.evaluation import load_model, passkey_report, write_report
     from rope_ext.passkey import spread_depths
 
-    model, tokenizer = load_model(args.model, max(args.lengths), args.device)
+    model, tokenizer = load_model(args.model, max(args.lengths), args.device, getattr(torch, args.dtype))
     depths = spread_depths(args.depth_count) if args.depth_count else args.depths
     report = passkey_report(model, tokenizer, args.factors, args.lengths, depths, args.trials, args.seed, args.methods)
     write_report(report, args.output, kind="passkey")
@@ -200,6 +204,9 @@ def _floats(text: str) -> list[float]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="transformers model directory (default: the prepared SmolLM2)")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="precision of the forward (bfloat16: faster on CPUs with AVX-512 BF16; "
+                        "see bench/fitness_speed for how well it keeps float32's ranking)")
 
 
 def _add_search_parser(sub) -> None:
@@ -223,9 +230,6 @@ def _add_search_parser(sub) -> None:
                    help="search the set's attention scale with λ (LongRoPE2); off: the per-set formula")
     p.add_argument("--scale-min", type=float, default=1.0, help="lower bound of a searched attention scale")
     p.add_argument("--scale-max", type=float, default=1.5, help="upper bound of a searched attention scale")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="precision of the fitness forward (bfloat16: faster on CPUs with AVX-512 BF16; "
-                        "see bench/fitness_speed for how well it keeps float32's ranking)")
     p.add_argument("--cache", type=Path, help="evaluation cache (default: OUTPUT stem + .cache.jsonl)")
     p.add_argument("--log", type=Path, help="log of every evaluation (default: OUTPUT stem + .log.jsonl)")
     p.set_defaults(func=cmd_search)

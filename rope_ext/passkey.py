@@ -76,10 +76,12 @@ def trial_plan(depths: list[float], trials: int, seed: int) -> list[tuple[float,
     """(depth, key) of every trial: each depth ``trials`` times, keys drawn from ``seed``.
 
     The plan ignores length and method, so every method at every length sees the same keys,
-    and a trial is identified by its depth and key alone (what a resumed run looks up).
+    and a trial is identified by its depth and key alone (what a resumed run looks up). Keys
+    are drawn round by round (every depth once, then again), so a plan with more trials per
+    depth holds the smaller one: raising ``trials`` adds trials and re-measures none.
     """
     rng = random.Random(seed)
-    return [(depth, rng.randint(10000, 99999)) for depth in depths for _ in range(trials)]
+    return [(depth, rng.randint(10000, 99999)) for _ in range(trials) for depth in depths]
 
 
 def last_tokens(sample: Sample, context: int) -> Sample:

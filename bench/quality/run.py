@@ -91,7 +91,9 @@ def main() -> None:
                         help="perplexity methods (default: plain,pi,ntk,yarn, every set:<name>, ladder, sliding)")
     parser.add_argument("--passkey-lengths", type=_ints, default=[16384, 32768], help="empty: no passkey")
     parser.add_argument("--passkey-methods", type=_names, default=_names(PASSKEY_METHODS))
-    parser.add_argument("--trials", type=int, default=10, help="passkey trials per cell, one key per spread depth")
+    parser.add_argument("--trials", type=int, default=10, help="passkey depths per cell, spread over the window")
+    parser.add_argument("--keys-per-depth", type=int, default=1,
+                        help="passkey keys at each depth; raising it keeps the trials already measured")
     parser.add_argument("--speed-length", type=int, default=16384, help="tokens of the speed check (0: none)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -120,7 +122,7 @@ def main() -> None:
                       if json.loads(key)["measure"] == "speed" and json.loads(key)["dtype"] == str(model.dtype)), None)
     if args.passkey_lengths:
         passkey = passkey_report(model, tokenizer, args.factors, args.passkey_lengths, spread_depths(args.trials),
-                                 1, 0, args.passkey_methods, done)
+                                 args.keys_per_depth, 0, args.passkey_methods, done)
         write_report(passkey, HERE / f"passkey{suffix}.json", kind="passkey")
 
     results = {

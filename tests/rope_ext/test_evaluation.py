@@ -116,7 +116,9 @@ def test_spread_depths_cover_the_window_and_keys_repeat_across_cells():
     plan = trial_plan(spread_depths(10), 1, seed=0)
     assert [d for d, _ in plan] == spread_depths(10) and len({k for _, k in plan}) == 10
     assert trial_plan(spread_depths(10), 1, seed=0) == plan
-    assert [d for d, _ in trial_plan([0.2, 0.8], 2, seed=0)] == [0.2, 0.2, 0.8, 0.8]
+    assert [d for d, _ in trial_plan([0.2, 0.8], 2, seed=0)] == [0.2, 0.8, 0.2, 0.8]
+    bigger = trial_plan(spread_depths(10), 3, seed=0)
+    assert bigger[:10] == plan and len({k for _, k in bigger}) == 30  # more keys per depth re-measure none
 
 
 def test_documents_are_consecutive_chunks_and_refuse_short_books(tiny, tmp_path):

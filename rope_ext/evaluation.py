@@ -28,6 +28,7 @@ from rope_ext import baselines
 from rope_ext.factors import FactorSet, Ladder, load_ladder
 from rope_ext.hf_config import model_info
 from rope_ext.hf_model import RotatedModel
+from rope_ext.jsonl_rows import append_row, read_rows
 from rope_ext.model_files import DEFAULT_LADDER, default_model_dir
 from rope_ext.passkey import passkey_trial, trial_plan, wilson_interval
 from rope_ext.perplexity import Perplexity, book_files, documents, perplexity, sliding_perplexity
@@ -87,14 +88,8 @@ class Measurements:
 
     def __init__(self, path: Path | None = None):
         self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}
-        if path is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # blank, or cut short by a kill: measured again
-                    continue
-                self.entries[json.dumps(record["key"], sort_keys=True)] = record["value"]
+        rows = read_rows(path) if path is not None else ()
+        self.entries: dict[str, dict[str, Any]] = {json.dumps(row["key"], sort_keys=True): row["value"] for row in rows}
 
     def get_or_measure(self, key: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """The stored value for ``key`` (and True), else ``measure()``'s, stored (and False)."""
@@ -103,9 +98,7 @@ class Measurements:
             return self.entries[text], True
         value = self.entries[text] = measure()
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps({"key": key, "value": value}, sort_keys=True) + "\n")
+            append_row(self.path, {"key": key, "value": value})
         return value, False
 
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from rope_ext.factors import FORMAT_VERSION, Ladder, ModelInfo
 from rope_ext.hf_model import RotatedModel
+from rope_ext.jsonl_rows import append_row, read_rows
 from rope_ext.perplexity import Sample, perplexity
 from rope_ext.search import Evaluated, Genome, SearchConfig, SearchResult, SearchSpace, evolve
 
@@ -27,22 +28,14 @@ class EvaluationCache:
     def __init__(self, path: Path, context: str):
         self.path = path
         self.context = context
-        self.entries: dict[str, float] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    if record["context"] == context:
-                        self.entries[record["key"]] = record["ppl"]
+        self.entries = {row["key"]: row["ppl"] for row in read_rows(path) if row["context"] == context}
 
     def get(self, genome: Genome) -> float | None:
         return self.entries.get(genome.key)
 
     def put(self, genome: Genome, ppl: float, seconds: float) -> None:
         self.entries[genome.key] = ppl
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps({"context": self.context, "key": genome.key, "ppl": ppl, "seconds": seconds}) + "\n")
+        append_row(self.path, {"context": self.context, "key": genome.key, "ppl": ppl, "seconds": seconds})
 
 
 def fingerprint(info: ModelInfo, window: int, samples: list[Sample], mode: str, dtype: str = "float32") -> str:

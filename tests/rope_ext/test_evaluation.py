@@ -17,6 +17,7 @@ from rope_ext.cli import main
 from rope_ext.corpus import BOOKS_DIR
 from rope_ext.evaluation import Measurements, load_model, method_sets, passkey_report, perplexity_report
 from rope_ext.factors import default_attention_scale, load_ladder
+from rope_ext.jsonl_rows import read_rows
 from rope_ext.passkey import (
     last_tokens,
     needle_samples,
@@ -264,7 +265,7 @@ def _search(model_dir, out, cache, iterations: int, mode: str = "v1", extra: tup
 
 
 def test_search_command_writes_the_best_set_and_resumes_from_its_cache(tiny, tmp_path):
-    model, tokenizer, ladder, model_dir, _ = tiny
+    model, tokenizer, _, model_dir, _ = tiny
     out, cache = tmp_path / "long.json", tmp_path / "cache.jsonl"
     first = _search(model_dir, out, cache, iterations=1)
     assert [e["origin"] for e in first[:3]] == ["pi", "ntk", "yarn"]
@@ -277,13 +278,19 @@ def test_search_command_writes_the_best_set_and_resumes_from_its_cache(tiny, tmp
     again = perplexity(model, found.sets[0], documents(tokenizer, BOOK, 1024))
     assert again.all == pytest.approx(best["ppl"], rel=1e-5)
 
-    # A longer run with the same seed replays the first run from the cache, then goes on.
+    # A longer run with the same seed replays the first run from the cache, then goes on; a record
+    # cut short by a kill (the last line, half written) is skipped, not a reason to refuse the cache.
+    with cache.open("a") as f:
+        f.write('{"context": "')
     second = _search(model_dir, out, cache, iterations=2)
     assert [e["factors"] for e in second[: len(first)]] == [e["factors"] for e in first]
     assert all(e["seconds"] == 0 for e in second[: len(first)])
     assert any(e["seconds"] > 0 for e in second[len(first) :])
     summary = json.loads(out.with_name("long.summary.json").read_text())
     assert summary["best"]["ppl"] == min(e["ppl"] for e in second)
+    # Only the cut line is lost: the evaluation written after it starts a line of its own.
+    computed = [e for e in first + second if e["seconds"] > 0]
+    assert len(list(read_rows(cache))) == len(computed) == len(cache.read_text().splitlines()) - 1
 
 
 def test_search_below_the_original_window_is_refused_before_any_evaluation(tiny, tmp_path, capsys):
@@ -350,7 +357,7 @@ def test_v2_space_with_document_perplexity(tiny, tmp_path):
 
 
 def test_merge_makes_one_ladder(tiny, tmp_path):
-    *_, ladder, _, factors = tiny
+    *_, ladder, _, _ = tiny
     out = tmp_path / "merged.json"
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     from rope_ext.factors import save_ladder

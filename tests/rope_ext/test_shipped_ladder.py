@@ -19,7 +19,7 @@ def _log(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("stem, name, window", [("smollm2-short-8192", "short", 8192),
-                                                ("smollm2-long-16384-v2-reach", "long", 16384),
+                                                ("smollm2-long-16384-v2-reach225", "long", 16384),
                                                 ("smollm2-long-32768-v2", "long-32k", 32768)])
 def test_each_shipped_set_is_its_search_best(stem, name, window):
     shipped = load_ladder(DEFAULT_LADDER)
@@ -37,7 +37,7 @@ def test_each_shipped_set_is_its_search_best(stem, name, window):
     assert seeds and all(best["ppl"] <= e["ppl"] for e in seeds)
 
 
-@pytest.mark.parametrize("stem", ["smollm2-long-16384-v2-reach", "smollm2-long-32768-v2"])
+@pytest.mark.parametrize("stem", ["smollm2-long-16384-v2-reach225", "smollm2-long-32768-v2"])
 def test_each_long_search_started_from_the_baselines_projected_into_its_space(stem):
     log = _log(SEARCH / f"{stem}.log.jsonl")
     summary = json.loads((SEARCH / f"{stem}.summary.json").read_text())

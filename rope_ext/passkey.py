@@ -63,6 +63,7 @@ class PasskeyTrial:
     depth: float
     key: int
     passed: bool
+    answer_nll: float  # summed over the answer tokens: how sure the model is, even when it fails
 
 
 def spread_depths(count: int) -> list[float]:
@@ -95,16 +96,17 @@ def last_tokens(sample: Sample, context: int) -> Sample:
 
 
 def passkey_trial(model: RotatedModel, tokenizer, length: int, depth: float, key: int,
-                  context: int | None = None) -> PasskeyTrial:
+                  context: int | None = None, haystack: list[int] | None = None) -> PasskeyTrial:
     """One prompt, one forward, with whatever set ``model`` is rotated with now.
 
     ``context``: the model sees only the prompt's last ``context`` tokens (the sliding-window floor).
+    ``haystack``: book tokens around the key instead of the filler sentences.
     """
-    sample = passkey_sample(tokenizer, length, depth, key)
+    sample = passkey_sample(tokenizer, length, depth, key, haystack)
     if context is not None:
         sample = last_tokens(sample, context)
-    _, top1 = model.token_scores(sample.ids)
-    return PasskeyTrial(length, depth, key, bool(top1[sample.scored].all()))
+    nll, top1 = model.token_scores(sample.ids)
+    return PasskeyTrial(length, depth, key, bool(top1[sample.scored].all()), float(nll[sample.scored].sum()))
 
 
 def passkey_trials(

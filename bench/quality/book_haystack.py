@@ -65,7 +65,7 @@ def summarise(report: dict[str, Any]) -> None:
                    "wilson95": [round(x, 2) for x in wilson_interval(passed, len(rows))],
                    "median_answer_nll": statistics.median(nll),
                    "mean_answer_nll": statistics.fmean(nll),
-                   "keys_surer_than_ladder": None, "sign_test_p": None}
+                   "keys_surer_than_ladder": None, "keys_compared": None, "sign_test_p": None}
         if reference is not None and reference["rows"] is not rows:  # on the keys both cells measured
             theirs = {(r["depth"], r["key"]): r["answer_nll"] for r in reference["rows"]}
             pairs = [(r["answer_nll"], theirs[r["depth"], r["key"]]) for r in rows if (r["depth"], r["key"]) in theirs]
@@ -120,7 +120,7 @@ def main() -> None:
     for cell, r in report.items():
         print(f"{cell:32} {r['passed']}/{r['trials']} {r['wilson95']}  answer nll median {r['median_answer_nll']:.2f}"
               f" mean {r['mean_answer_nll']:.2f}  keys surer than ladder {r['keys_surer_than_ladder']}"
-              f" of {r.get('keys_compared')} (sign test p {r['sign_test_p']})")
+              f" of {r['keys_compared']} (sign test p {r['sign_test_p']})")
 
 
 if __name__ == "__main__":

@@ -99,10 +99,11 @@ def main() -> None:
     if unknown := [m for m in methods if m not in sets]:
         parser.error(f"unknown methods {unknown}; known at {args.length}: {sorted(sets)}")
     report = json.loads(OUTPUT.read_text()) if OUTPUT.exists() else {}
+    filler = args.haystack == "filler"
     if methods:
         model, tokenizer = load_model(None, max(args.length, ladder.max_window), dtype=getattr(torch, args.dtype))
-        haystack = (None if args.haystack == "filler" else
-                    tokenizer(book_text(BOOKS_DIR / args.book), add_special_tokens=False)["input_ids"][args.skip:])
+        haystack = None if filler else tokenizer(book_text(BOOKS_DIR / args.book),
+                                                 add_special_tokens=False)["input_ids"][args.skip:]
     for method in methods:
         model.use(sets[method])
         rows = []
@@ -113,8 +114,8 @@ def main() -> None:
                          "seconds": round(time.perf_counter() - start, 1)})
             print(f"{args.length} {method:8} depth {depth:.2f}: {rows[-1]}", flush=True)
         report[cell_name(args.length, method, args.haystack, args.factors)] = {
-            "length": args.length, "haystack": "filler" if args.haystack == "filler" else args.book,
-            "skip": None if args.haystack == "filler" else args.skip, "dtype": args.dtype, "rows": rows}
+            "length": args.length, "haystack": "filler" if filler else args.book,
+            "skip": None if filler else args.skip, "dtype": args.dtype, "rows": rows}
         save(report)
     save(report)  # also brings an older file's summaries up to date
     for cell, r in report.items():

@@ -18,7 +18,8 @@ same scoring forward for every method (float32 unless --dtype):
 Every finished measurement is appended to bench/quality/rows.jsonl at once; rerun a killed run
 with the same arguments and it skips what that file holds and goes on. The reports
 (ppl.json, passkey.json, their PNGs, results.json) are written from it at the end; a sitting in
-another dtype writes its own (passkey-bfloat16.json, ...), and ``--lengths ""`` skips perplexity.
+another dtype or on another book writes its own (passkey-bfloat16.json, ppl-news-from-nowhere.json, ...),
+and ``--lengths ""`` skips perplexity.
 
     .venv/bin/python -m bench.quality.run                     # everything: about 7 hours here
     .venv/bin/python -m bench.quality.run --lengths 4096,8192,16384 --passkey-lengths 16384
@@ -51,6 +52,7 @@ from rope_ext.perplexity import documents
 HERE = Path(__file__).resolve().parent
 ROWS = HERE / "rows.jsonl"
 PASSKEY_METHODS = "plain,pi,ntk,yarn,ladder,sliding"
+BOOK = "pride-and-prejudice.txt"
 
 
 def scoring_speed(model: RotatedModel, tokenizer, length: int, data: Path) -> dict:
@@ -84,7 +86,7 @@ def _names(text: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--book", default="pride-and-prejudice.txt", help="a book in ../shared/data/books")
+    parser.add_argument("--book", default=BOOK, help="a book in ../shared/data/books")
     parser.add_argument("--factors", type=Path, default=DEFAULT_LADDER, help="factor file (default: the shipped one)")
     parser.add_argument("--lengths", type=_ints, default=[4096, 8192, 16384, 32768])
     parser.add_argument("--methods", type=_names,
@@ -107,7 +109,9 @@ def main() -> None:
     model, tokenizer = load_model(None, max(args.lengths + args.passkey_lengths + [args.speed_length]),
                                   args.device, getattr(torch, args.dtype))
 
-    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"  # a bfloat16 sitting keeps the float32 reports
+    # a bfloat16 sitting, or one on another book, writes its own reports and keeps the float32 ones on the default book
+    suffix = (("" if args.dtype == "float32" else f"-{args.dtype}")
+              + ("" if args.book == BOOK else f"-{Path(args.book).stem}"))
     if args.lengths:
         ppl = perplexity_report(model, tokenizer, args.factors, data, args.lengths, 1, methods, done)
         write_report(ppl, HERE / f"ppl{suffix}.json", kind="ppl")

@@ -121,9 +121,10 @@ def main() -> None:
                "length": args.speed_length}
         speed, _ = done.get_or_measure(key, lambda: scoring_speed(model, tokenizer, args.speed_length, data))
         print(json.dumps(speed, indent=2), flush=True)
-    else:  # not measured in this sitting: the latest one in the rows, so results.json keeps it
+    else:  # not measured in this sitting: the latest one of this dtype and book in the rows, so results.json keeps it
+        wanted = {"measure": "speed", "dtype": str(model.dtype), "data": [args.book]}
         speed = next((value for key, value in reversed(done.entries.items())
-                      if json.loads(key)["measure"] == "speed" and json.loads(key)["dtype"] == str(model.dtype)), None)
+                      if wanted.items() <= json.loads(key).items()), None)
     if args.passkey_lengths:
         passkey = passkey_report(model, tokenizer, args.factors, args.passkey_lengths, spread_depths(args.trials),
                                  args.keys_per_depth, 0, args.passkey_methods, done)

@@ -15,6 +15,10 @@
 #   LONGROPE_GPU_ROOT /tmp/longrope-gpu   LONGROPE_GPU_PACK .gpu   LONGROPE_GPU_PYTHON python3
 #   LONGROPE_GPU_DEVICE cuda   LONGROPE_GPU_WINDOWS "16384 32768"
 #   LONGROPE_GPU_SEARCH_ARGS   more `longrope search` flags (none: the paper's population)
+#   LONGROPE_GPU_LAMBDA_MIN    "16384=2.25": per window, the critical dimensions' least λ
+#                              (`--lambda-min`; a window not named: s), as the shipped sets:
+#                              the 16k set keeps a 1.125·s margin its farthest keys need, the 32k
+#                              set sits at s (its margin cost 5 % perplexity)
 #   LONGROPE_GPU_MODEL         a prepared model directory (none: prepared here from the GGUF)
 #   LONGROPE_GPU_DEADLINE_S    560: seconds after the call starts at which a search is stopped
 #                              (SIGINT), so a call of 600 s still packs what it found
@@ -30,6 +34,7 @@ PY=${LONGROPE_GPU_PYTHON:-python3}
 DEVICE=${LONGROPE_GPU_DEVICE:-cuda}
 WINDOWS=${LONGROPE_GPU_WINDOWS:-16384 32768}
 DEADLINE_S=${LONGROPE_GPU_DEADLINE_S:-560}
+LAMBDA_MIN=${LONGROPE_GPU_LAMBDA_MIN-16384=2.25}
 RESULTS=$ROOT/gpu
 export PYTHONPATH="$ROOT/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_ROOT_USER_ACTION=ignore  # no network here
@@ -169,6 +174,13 @@ pack_results() {  # $OUT gets at most 8 files back: one archive of everything, a
   cp "$ROOT/gpu-search.tar.gz" "$RESULTS/device.log" "$OUT/"
 }
 
+lambda_min_flag() {  # `--lambda-min X` when LAMBDA_MIN names window $1; nothing (λ from s) when not
+  local pair
+  for pair in $LAMBDA_MIN; do
+    if [[ ${pair%%=*} == "$1" ]]; then echo "--lambda-min ${pair#*=}"; fi
+  done
+}
+
 search_steps() {
   local model window stem name="" left start rc=0
   mark "longrope GPU search: windows $WINDOWS on $DEVICE, ${LONGROPE_GPU_SEARCH_ARGS:-paper population}"
@@ -204,10 +216,10 @@ search_steps() {
     fi
     mark "search at $window, stopped after $left s at the latest"
     start=$(date +%s)
-    # shellcheck disable=SC2086  # the extra flags are words
+    # shellcheck disable=SC2046,SC2086  # the extra flags are words
     timeout --signal=INT --kill-after=20 "$left" "$PY" -m rope_ext.cli search --model "$model" \
       --window "$window" --data "$PACK/search/books" --device "$DEVICE" --dtype bfloat16 --search-scale \
-      --mode v2 --fitness ppl \
+      --mode v2 --fitness ppl $(lambda_min_flag "$window") \
       --name "$name" -o "$stem.json" ${LONGROPE_GPU_SEARCH_ARGS:-} || rc=$?
     summarize "$stem" "$window" "$(($(date +%s) - start))" "$rc"
     pack_results

@@ -30,6 +30,7 @@ from rope_ext.tiny_model import TINY_MAX_LEN, TINY_W0
 REPO = Path(__file__).resolve().parents[2]
 WINDOWS = (2 * TINY_W0, TINY_MAX_LEN)
 TINY_SEARCH = "--population 4 --iterations 1 --parents 2 --mutations 1 --crossovers 1"
+MARGIN = 2.25  # the first window's least critical λ, as the shipped 16k set's; the second stays at s
 
 
 def _probe_wheel(folder: Path) -> Path:
@@ -68,7 +69,7 @@ def packed(tmp_path, tiny_model) -> dict:
     device_env = {**os.environ, "OUT": str(out), "LONGROPE_GPU_ROOT": str(root), "LONGROPE_GPU_PACK": str(pack),
                   "LONGROPE_GPU_PYTHON": sys.executable, "LONGROPE_GPU_DEVICE": "cpu",
                   "LONGROPE_GPU_WINDOWS": " ".join(map(str, WINDOWS)), "LONGROPE_GPU_SEARCH_ARGS": TINY_SEARCH,
-                  "LONGROPE_GPU_MODEL": str(tiny_model[0])}
+                  "LONGROPE_GPU_MODEL": str(tiny_model[0]), "LONGROPE_GPU_LAMBDA_MIN": f"{WINDOWS[0]}={MARGIN}"}
     return {"gguf": gguf, "pack": pack, "out": out, "root": root, "env": device_env}
 
 
@@ -105,6 +106,8 @@ def test_two_calls_search_every_window_and_return_one_archive(packed):
         assert {k: summary["arguments"][k] for k in ("device", "dtype", "search_scale", "mode", "fitness")} == {
             "device": "cpu", "dtype": "bfloat16", "search_scale": "True", "mode": "v2", "fitness": "ppl"}
         assert summary["space"]["mode"] == "v2"  # the shipped sets' space: critical dimensions at least s
+        assert summary["space"]["bounds"][0] == (MARGIN if window == WINDOWS[0] else window / TINY_W0)
+        assert min(found.factors[summary["space"]["critical"]:]) >= summary["space"]["bounds"][0]
     assert (back / "device.log").exists()
 
     # Called again while the host is warm: nothing is joined or installed twice, every evaluation replays.

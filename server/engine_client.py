@@ -17,6 +17,7 @@ delegated to the wrapped ``AsyncLLM``.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -166,6 +167,19 @@ class LadderEngineClient:
         if self.draining:  # /health says 503, so load balancers stop sending
             raise EngineDeadError()
         await self.engine.check_health()
+
+    def death_reason(self) -> str | None:
+        """Why the engine stopped on its own (killed, crashed, a fatal engine error); None after a drain.
+
+        vLLM's watchdog stops the HTTP server when the engine dies and its launcher then returns as
+        after a clean stop; `longrope serve` asks this to exit non-zero instead, so an orchestrator restarts it.
+        """
+        if self.draining or not self.engine.errored:
+            return None
+        manager = self.engine.engine_core.resources.engine_manager
+        exits = manager.finished_procs() if manager is not None else {}
+        ended = "; ".join(f"process {name} {_exit_text(code)}" for name, code in sorted(exits.items()))
+        return f"{ended or 'the engine core reported a fatal error'} (vLLM's log above says what it saw)"
 
     # ---- admission (DESIGN.md rules 2 and 5), decided once per request ----
 
@@ -332,6 +346,16 @@ class LadderEngineClient:
             raise
         finally:
             self.metrics.choice_done(run)
+
+
+def _exit_text(code: int) -> str:
+    """``exited with status 1`` or ``was killed by SIGKILL`` (multiprocessing's negative exit codes)."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 def _extended(total: CompletionOutput, delta: CompletionOutput) -> CompletionOutput:

@@ -9,6 +9,10 @@
   ``rope_promotions`` fields, the sets in ``/v1/models``.
 - OpenAI-shaped errors for every error, vLLM's own included:
   ``{"error": {"message", "type", "param", "code"}}`` with OpenAI's types and string codes.
+- The API key on every route but the probes: vLLM's own check covers ``/v1`` and a few other
+  prefixes only, which leaves ``/tokenize``, ``/detokenize``, ``/load``, the docs and the rest
+  open to anyone. ``/health`` and ``/ping`` stay open for orchestrators, ``/metrics`` for
+  Prometheus unless ``--metrics-require-api-key``.
 
 It reads what it needs from the app's state (``engine_client`` is our
 ``server.engine_client.LadderEngineClient``, ``args`` the parsed flags), so vLLM's own
@@ -21,11 +25,13 @@ import json
 import uuid
 from typing import Any
 
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine_client import ChoiceRun, current_choices
 
+PROBE_PATHS = ("/health", "/ping")  # liveness and readiness probes send no credentials
+METRICS_PATH = "/metrics"
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 CHOICE_PATHS = ("/v1/chat/completions", "/v1/completions")
 
@@ -72,9 +78,40 @@ def _with_choice_fields(payload: dict[str, Any], runs: list[ChoiceRun]) -> dict[
     return payload
 
 
+class ApiKeyGuard:
+    """Which requests must carry one of the server's API keys, and whether this one does.
+
+    The keys are vLLM's (``--api-key``, else ``VLLM_API_KEY``), checked by vLLM's own constant-time
+    comparison; only the set of routes is ours.
+    """
+
+    def __init__(self, keys: list[str], metrics_open: bool):
+        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+        self.checker = AuthenticationMiddleware(app=None, tokens=keys)
+        self.open_paths = PROBE_PATHS + ((METRICS_PATH,) if metrics_open else ())
+
+    @classmethod
+    def from_args(cls, args: Any) -> ApiKeyGuard | None:
+        """The guard the parsed flags ask for; None when the server has no key."""
+        from vllm import envs
+
+        keys = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
+        return cls(keys, not args.metrics_require_api_key) if keys else None
+
+    def allows(self, scope: Scope) -> bool:
+        if scope["method"] == "OPTIONS":  # CORS preflight carries no credentials (as in vLLM's check)
+            return True
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        open_path = path in self.open_paths or path.startswith(METRICS_PATH + "/") and METRICS_PATH in self.open_paths
+        return open_path or self.checker.verify_token(Headers(scope=scope))
+
+
 class LongRopeMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
+        self.guard: ApiKeyGuard | None = None  # built from the app's flags on the first request
+        self.guard_built = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,6 +133,12 @@ class LongRopeMiddleware:
                                     (b"x-request-id", request_id.encode())]})
             await send({"type": "http.response.body", "body": data})
 
+        if not self.guard_built:
+            self.guard, self.guard_built = ApiKeyGuard.from_args(state.args), True
+        if self.guard is not None and not self.guard.allows(scope):
+            await send_error(401, {"error": "Unauthorized"})
+            self._count(metrics, scope, method, 401)
+            return
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             await send_error(413, {"error": f"Request body of {length} bytes exceeds the limit of {limit} bytes."})

@@ -4,7 +4,7 @@ Every `vllm serve` flag works; ours (``--factors``, ``--rope-policy``, ``--max-b
 added to vLLM's parser, so ``longrope serve --help`` lists them all. Any flag can also come from
 an environment variable ``LONGROPE_<DEST>`` (``LONGROPE_PORT=9000``, ``LONGROPE_API_KEY=a,b``),
 for container images. What fails at start-up ends the process: 2 for a bad flag or factor file,
-1 when the engine cannot start, with the reason on stderr.
+1 when the engine cannot start or dies later, with the reason on stderr.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dynamic: start in the smallest set that holds the prompt and promote; budget: start "
                       "where prompt + max_tokens fits and stay")
     ours.add_argument("--max-body-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
+    ours.add_argument("--metrics-require-api-key", action="store_true",
+                      help="/metrics asks for the API key too (default: open for Prometheus, like the /health and "
+                      "/ping probes; every other route needs the key when --api-key is set)")
     # Loopback unless told otherwise (vLLM's default listens on every interface); SIGTERM drains for 30 s.
     defaults = {"model": str(default_model_dir()), "host": "127.0.0.1", "shutdown_timeout": 30}
     if current_platform.is_cpu():
@@ -88,7 +91,7 @@ def resolve_ladder(args: argparse.Namespace) -> Ladder:
 
 
 def serve(argv: list[str]) -> int:
-    """Exit 0 after a clean stop; 2 for a bad flag or factor file; 1 when the engine cannot start."""
+    """Exit 0 after a clean stop; 2 for a bad flag or factor file; 1 when the engine cannot start or dies."""
     import uvloop
 
     from rope_ext.vllm_plugin.vllm_internals import SERVER_INTERNALS, check_internals
@@ -120,15 +123,19 @@ def serve(argv: list[str]) -> int:
     args.middleware = [*args.middleware, OUR_MIDDLEWARE]
     validate_parsed_serve_args(args)
     try:
-        uvloop.run(_run(args, ladder))
+        died = uvloop.run(_run(args, ladder))
     except Exception as exc:  # noqa: BLE001 - vLLM logged the details; say why, exit non-zero
         print(f"error: the engine failed to start: {exc}", file=sys.stderr)
+        return 1
+    if died is not None:
+        print(f"error: the engine died: {died}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _run(args: argparse.Namespace, ladder: Ladder) -> None:
-    """vLLM's ``run_server``, with our engine client in place of its AsyncLLM."""
+async def _run(args: argparse.Namespace, ladder: Ladder) -> str | None:
+    """vLLM's ``run_server``, with our engine client in place of its AsyncLLM; returns why the engine
+    died, or None after a clean stop (SIGTERM, SIGINT)."""
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
     from vllm.entrypoints.launchers.launcher import setup_server
     from vllm.v1.metrics.prometheus import get_prometheus_registry
@@ -142,7 +149,9 @@ async def _run(args: argparse.Namespace, ladder: Ladder) -> None:
         metrics.expose(get_prometheus_registry())
         client = LadderEngineClient(engine, ladder, Policy(args.rope_policy), metrics)
         shutdown = await build_and_serve(client, listen_address, sock, args)
+        died = client.death_reason()  # read before the engine is shut down below
     try:
         await shutdown
     finally:
         sock.close()
+    return died

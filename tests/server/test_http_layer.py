@@ -23,7 +23,7 @@ LIMIT = 1000
 
 def app_with_routes() -> FastAPI:
     app = FastAPI()
-    app.state.args = SimpleNamespace(max_body_bytes=LIMIT)
+    app.state.args = SimpleNamespace(max_body_bytes=LIMIT, api_key=None, metrics_require_api_key=False)
     app.state.engine_client = SimpleNamespace(ladder=tiny_ladder(), metrics=ServerMetrics("m"))
 
     def admitted() -> list[ChoiceRun]:

@@ -16,8 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.probe import free_port, wait_until_ok
-from tests.server.conftest import REPO
+from tests.server.conftest import REPO, prom_query, prometheus, prometheus_config
 
 DEPLOY = REPO / "deploy"
 MODEL = "tiny"
@@ -37,33 +36,14 @@ def value(table: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def prometheus(tiny_server, tmp_path_factory):
-    """Debian's prometheus (installed by scripts/test.sh), on loopback, with our scrape config."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus is not installed; scripts/test.sh installs Debian's package"
+def prometheus_base(tiny_server, tmp_path_factory):
+    """A real Prometheus with deploy/prometheus/prometheus.yml, scraping the tiny server."""
     workdir = tmp_path_factory.mktemp("prometheus")
-    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    job = config["scrape_configs"][0]
-    job["scrape_interval"] = "1s"
-    job["static_configs"][0]["targets"] = [tiny_server.base.removeprefix("http://")]
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=(workdir / "log").open("w"), stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    assert wait_until_ok(f"{base}/-/ready", proc, timeout=60, interval=0.5), (workdir / "log").read_text()
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    config = prometheus_config("prometheus.yml", tiny_server.base.removeprefix("http://"), workdir)
+    with prometheus(config, workdir) as base:
+        yield base
 
 
-def prom_query(base: str, expr: str) -> float:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    result = json.load(urllib.request.urlopen(url, timeout=10))["data"]["result"]
-    return float(result[0]["value"][1]) if result else 0.0
 
 
 def send_mix(server) -> None:
@@ -86,7 +66,7 @@ def send_mix(server) -> None:
     assert refused.value.body["code"] == "context_length_exceeded"
 
 
-def test_prometheus_counts_what_was_sent_per_set(tiny_server, prometheus):
+def test_prometheus_counts_what_was_sent_per_set(tiny_server, prometheus_base):
     before = samples(scrape(tiny_server))
     send_mix(tiny_server)
 
@@ -112,7 +92,7 @@ def test_prometheus_counts_what_was_sent_per_set(tiny_server, prometheus):
 
     deadline = time.time() + 30
     while True:  # until Prometheus has scraped the server after the last request
-        got = [prom_query(prometheus, promql(name, labels)) for name, labels, _ in expected]
+        got = [prom_query(prometheus_base, promql(name, labels)) for name, labels, _ in expected]
         if got == want or time.time() > deadline:
             break
         time.sleep(1)
@@ -127,7 +107,7 @@ def test_engine_gauges_and_http_counter_are_exposed(tiny_server):
     assert value(table, "longrope_http_requests_total", route="/v1/completions", method="POST", status="200") > 0
 
 
-def test_promtool_accepts_exposition_and_config(tiny_server):
+def test_promtool_accepts_exposition_and_configs(tiny_server, tmp_path):
     promtool = shutil.which("promtool")
     assert promtool
     text = scrape(tiny_server)
@@ -141,9 +121,10 @@ def test_promtool_accepts_exposition_and_config(tiny_server):
     problems = [line for line in (whole.stdout + whole.stderr).splitlines() if line.strip()]
     assert whole.returncode in (0, 3), problems
     assert [p for p in problems if not p.startswith("vllm:")] == []
-    config = subprocess.run([promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
-                            capture_output=True, text=True)
-    assert config.returncode == 0, config.stdout + config.stderr
+    for name in ("prometheus.yml", "prometheus-keyed.yml"):  # the keyed one with its key file present
+        config = subprocess.run([promtool, "check", "config", str(prometheus_config(name, "x:8000", tmp_path, "k"))],
+                                capture_output=True, text=True)
+        assert config.returncode == 0, name + ": " + config.stdout + config.stderr
 
 
 def test_every_dashboard_query_names_live_metrics(tiny_server):

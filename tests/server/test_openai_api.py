@@ -333,6 +333,25 @@ def test_second_key_works_and_health_is_open(smollm2_server):
     assert response.status_code == 200
 
 
+def test_every_route_but_the_probes_and_metrics_needs_the_key(smollm2_server):
+    """Every route of the app's OpenAPI document (vLLM guards only /v1 and a few prefixes; we guard the rest)."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    schema = httpx.get(f"{smollm2_server.base}/openapi.json", headers=auth, timeout=30)
+    assert schema.status_code == 200
+    routes = [(method.upper(), re.sub(r"\{[^}]+\}", "x", path))
+              for path, item in schema.json()["paths"].items() for method in item]
+    routes += [("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")]  # not in the document itself
+    assert ("POST", "/tokenize") in routes and ("GET", "/load") in routes
+    open_routes = {("GET", "/health"), ("GET", "/ping"), ("POST", "/ping"), ("GET", "/metrics")}  # /metrics: Prometheus
+    for method, path in routes:
+        response = httpx.request(method, f"{smollm2_server.base}{path}", json={}, timeout=30)
+        if (method, path) in open_routes:
+            assert response.status_code == 200, f"{method} {path}: {response.status_code}"
+        else:
+            assert response.status_code == 401, f"{method} {path} answered {response.status_code} without the key"
+            assert response.json()["error"]["code"] == "invalid_api_key", f"{method} {path}"
+
+
 def test_body_over_limit_is_413(smollm2_server):
     big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 300_000}]}
     response = httpx.post(f"{smollm2_server.v1}/chat/completions", json=big,

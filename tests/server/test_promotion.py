@@ -136,6 +136,6 @@ def test_sigterm_drains_running_requests(tiny_model, tmp_path):
         chunks = [json.loads(line[6:]) for line in rest[:-1]]
         finishing = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
         assert [(c["rope_set"], len(c["rope_promotions"])) for c in finishing] == [("long", 2)]
-        assert server.proc.wait(timeout=120) in (0, -signal.SIGTERM)
+        assert server.proc.wait(timeout=120) == 0  # a drain is a clean stop; an engine death exits 1
     finally:
         stop_server(server)

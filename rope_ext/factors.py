@@ -25,12 +25,17 @@ class FactorFileError(ValueError):
     """A factor file that cannot be used; the message names the field and why."""
 
 
-def default_attention_scale(window: int, original_window: int) -> float:
-    """DESIGN.md's per-set default: sqrt(1 + ln(s) / ln(W0)) with s = window / W0, 1.0 when s <= 1."""
-    scale = window / original_window
+def attention_scale_for(scale: float, original_window: int) -> float:
+    """LongRoPE's attention scale for a stretch of ``scale`` = window / W0: sqrt(1 + ln(s) / ln(W0)), 1.0 when
+    s <= 1. Transformers and vLLM use the same formula for a ``longrope`` config's shared attention factor."""
     if scale <= 1.0:
         return 1.0
     return math.sqrt(1.0 + math.log(scale) / math.log(original_window))
+
+
+def default_attention_scale(window: int, original_window: int) -> float:
+    """The per-set default (docs/design.md): the formula at the set's own window."""
+    return attention_scale_for(window / original_window, original_window)
 
 
 class ModelInfo(BaseModel):

@@ -9,12 +9,15 @@ exactly as transformers and vLLM compute it (one value for both sets unless
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from rope_ext.factors import FORMAT_VERSION, FactorFileError, Ladder, ModelInfo, parse_ladder
+from rope_ext.factors import FORMAT_VERSION, FactorFileError, Ladder, ModelInfo, attention_scale_for, parse_ladder
 
 LONGROPE_TYPES = ("longrope", "su")
+# The config keys a ladder is read from (model_info and ladder_from_hf read nothing else).
+LADDER_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "head_dim", "hidden_size", "num_attention_heads",
+                 "partial_rotary_factor", "original_max_position_embeddings", "max_position_embeddings",
+                 "_name_or_path", "model_type")
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +67,7 @@ def ladder_from_hf(config: dict[str, Any], name: str = "") -> Ladder:
     factor = params.get("factor") or long_window / w0
     shared = params.get("attention_factor")
     if shared is None:
-        shared = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(w0))
+        shared = attention_scale_for(factor, w0)
     data = {
         "format_version": FORMAT_VERSION,
         "model": info.model_dump(),

@@ -1,14 +1,19 @@
-"""The regime rule: which factor set a request starts in. The one place this is decided.
+"""The regime rules: which factor set a request starts in, how far it may go there, where it moves next.
 
-Both the server (admission, pinning, promotion) and the engine plugin (requests that reach
-plain ``vllm serve`` without a set) call :func:`choose_set`, so they can never disagree.
+The one place they are decided (docs/design.md, rules 2, 3, 5 and 6): the server's engine client
+calls :func:`admit` once per request and :func:`segment_tokens` / :func:`next_set` as a request is
+promoted; the engine plugin calls :func:`engine_set` for every request that reaches it, so the two
+sides can never disagree.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from rope_ext.factors import Ladder
+from rope_ext.protocol import ContextLengthExceeded, UnknownSet
 
 
 class Policy(str, Enum):
@@ -18,30 +23,15 @@ class Policy(str, Enum):
     BUDGET = "budget"
 
 
-class ContextLengthExceeded(ValueError):
-    """No set (or not the pinned one) can hold the request; maps to OpenAI's context_length_exceeded."""
-
-    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int, set_name: str | None = None):
-        self.prompt_tokens, self.max_tokens, self.limit, self.set_name = prompt_tokens, max_tokens, limit, set_name
-        where = f"factor set {set_name!r}" if set_name else "this model"
-        super().__init__(
-            f"This request needs {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
-            f"{max_tokens} to generate), more than the context length of {where} ({limit} tokens)."
-        )
+@dataclass(frozen=True)
+class Admission:
+    index: int  # the set the request starts in
+    promotable: bool  # it may reach that set's window with tokens left to generate, and then move up
 
 
-class UnknownSet(ValueError):
-    """A pinned set name that the ladder does not have."""
-
-
-def choose_set(
-    ladder: Ladder,
-    prompt_tokens: int,
-    max_tokens: int,
-    policy: Policy = Policy.BUDGET,
-    pinned: str | None = None,
-) -> int:
-    """Index of the set a request starts in (DESIGN.md rules 2 and 5).
+def choose_set(ladder: Ladder, prompt_tokens: int, max_tokens: int, policy: Policy = Policy.BUDGET,
+               pinned: Any = None) -> int:
+    """Index of the set a request starts in.
 
     Every request must fit the ladder as a whole (prompt + max_tokens <= the largest window);
     a pinned set must hold the whole request by itself. Under ``dynamic`` the start set only
@@ -60,3 +50,35 @@ def choose_set(
         raise ContextLengthExceeded(prompt_tokens, max_tokens, ladder.max_window)
     start_needs = prompt_tokens + 1 if Policy(policy) is Policy.DYNAMIC else needed
     return next(i for i, fs in enumerate(ladder.sets) if fs.window >= start_needs)
+
+
+def admit(ladder: Ladder, prompt_tokens: int, max_tokens: int, policy: Policy, pinned: Any = None,
+          resumable: bool = True) -> Admission:
+    """Where a request starts and whether it may be promoted (a Refusal when no set can take it).
+
+    ``resumable`` is False for output that cannot go on in a new engine request (a grammar, as
+    structured outputs and forced tool calls use): such a request is admitted by the budget rule,
+    whatever the policy. A pinned request never moves.
+    """
+    policy = Policy(policy) if resumable else Policy.BUDGET
+    index = choose_set(ladder, prompt_tokens, max_tokens, policy, pinned)
+    fits = prompt_tokens + max_tokens <= ladder.sets[index].window
+    return Admission(index, policy is Policy.DYNAMIC and pinned is None and not fits)
+
+
+def segment_tokens(ladder: Ladder, index: int, sequence: int, remaining: int) -> int:
+    """How many tokens a promotable request may generate in set ``index`` from ``sequence`` tokens on:
+    up to that set's window (the last set: all that remain)."""
+    if index == len(ladder.sets) - 1:
+        return remaining
+    return min(remaining, ladder.sets[index].window - sequence)
+
+
+def next_set(ladder: Ladder, sequence: int, remaining: int) -> int:
+    """The set a request that reached its window at ``sequence`` tokens moves to (dynamic, unpinned)."""
+    return choose_set(ladder, sequence, remaining, Policy.DYNAMIC)
+
+
+def engine_set(ladder: Ladder, prompt_tokens: int, max_tokens: int, pinned: Any = None) -> int:
+    """The set a request runs in inside the engine (rule 6): the one it names, else the budget rule."""
+    return choose_set(ladder, prompt_tokens, max_tokens, Policy.BUDGET, pinned)

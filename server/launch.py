@@ -74,7 +74,7 @@ class ServerProcess:
 
 def longrope_serve(args: list[str], log: Path, env: dict[str, str | None] | None = None, **kwargs) -> ServerProcess:
     """`longrope serve` with ``args``; LONGROPE_FACTORS from the caller's environment is not inherited."""
-    argv = [sys.executable, "-m", "rope_ext.cli", "serve", "--port", PORT, *args]
+    argv = [sys.executable, "-m", "longrope", "serve", "--port", PORT, *args]
     return ServerProcess(argv, log, {"LONGROPE_FACTORS": None, **(env or {})}, **kwargs)
 
 

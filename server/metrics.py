@@ -14,6 +14,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, M
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.choice_runs import ChoiceRun
+
 # Seconds, from sub-millisecond GPU decode steps to minute-long CPU prefills.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,
                    300.0)
@@ -98,8 +100,8 @@ class ServerMetrics:
         """Show our series on vLLM's /metrics (its registry: ``get_prometheus_registry()``)."""
         registry.register(_Ours(self.registry))
 
-    def choice_done(self, run) -> None:
-        """Record one finished choice (server.engine_client.ChoiceRun)."""
+    def choice_done(self, run: ChoiceRun) -> None:
+        """Record one finished choice."""
         m = self.model
         self.prompt_tokens.labels(m, run.start_set).inc(run.prompt_tokens)
         self.generation_tokens.labels(m, run.final_set).inc(run.completion_tokens)

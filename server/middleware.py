@@ -7,12 +7,8 @@
   top-level fields; ``vllm_xargs`` reaches the engine client as ``extra_args``).
 - The ladder: ``x-rope-set`` / ``x-rope-promotions`` headers, per-choice ``rope_set`` and
   ``rope_promotions`` fields, the sets in ``/v1/models``.
-- OpenAI-shaped errors for every error, vLLM's own included:
-  ``{"error": {"message", "type", "param", "code"}}`` with OpenAI's types and string codes.
-- The API key on every route but the probes: vLLM's own check covers ``/v1`` and a few other
-  prefixes only, which leaves ``/tokenize``, ``/detokenize``, ``/load``, the docs and the rest
-  open to anyone. ``/health`` and ``/ping`` stay open for orchestrators, ``/metrics`` for
-  Prometheus unless ``--metrics-require-api-key``.
+- OpenAI-shaped errors for every error, vLLM's own included (``server.openai_errors``).
+- The API key on every route but the probes (``server.api_keys``).
 
 It reads what it needs from the app's state (``engine_client`` is our
 ``server.engine_client.LadderEngineClient``, ``args`` the parsed flags), so vLLM's own
@@ -25,45 +21,17 @@ import json
 import uuid
 from typing import Any
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.engine_client import ChoiceRun, current_choices
+from rope_ext.protocol import Refusal, refusals
+from server.api_keys import MESSAGE as API_KEY_MESSAGE
+from server.api_keys import ApiKeyGuard
+from server.choice_runs import ChoiceRun, current_choices
+from server.openai_errors import openai_error
 
-PROBE_PATHS = ("/health", "/ping")  # liveness and readiness probes send no credentials
-METRICS_PATH = "/metrics"
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 CHOICE_PATHS = ("/v1/chat/completions", "/v1/completions")
-
-ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
-               503: "service_unavailable"}
-ERROR_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
-               413: "request_too_large", 422: "invalid_request", 429: "rate_limit_exceeded", 500: "internal_error",
-               501: "not_implemented", 503: "service_unavailable"}
-
-
-def openai_error(status: int, body: Any) -> dict[str, Any]:
-    """Any error body (vLLM's ``ErrorResponse``, its auth's ``{"error": "Unauthorized"}``, FastAPI's
-    ``{"detail": ...}``) as OpenAI's error object with a string code."""
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        message, param, code = str(error.get("message", "")), error.get("param"), error.get("code")
-    else:
-        detail = error if error is not None else (body.get("detail") if isinstance(body, dict) else body)
-        message, param, code = (detail if isinstance(detail, str) else json.dumps(detail)), None, None
-    if not isinstance(code, str):
-        if "context length" in message.lower():
-            code = "context_length_exceeded"
-        elif param == "rope_set":
-            code = "unknown_rope_set"
-        elif status == 404 and "model" in message.lower():
-            code = "model_not_found"
-        else:
-            code = ERROR_CODES.get(status, "error")
-    if status == 401 and message == "Unauthorized":
-        message = "Incorrect or missing API key: send `Authorization: Bearer <key>`."
-    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _choice_fields(run: ChoiceRun) -> dict[str, Any]:
@@ -76,35 +44,6 @@ def _with_choice_fields(payload: dict[str, Any], runs: list[ChoiceRun]) -> dict[
         if index < len(runs) and choice.get("finish_reason") is not None:
             choice.update(_choice_fields(runs[index]))
     return payload
-
-
-class ApiKeyGuard:
-    """Which requests must carry one of the server's API keys, and whether this one does.
-
-    The keys are vLLM's (``--api-key``, else ``VLLM_API_KEY``), checked by vLLM's own constant-time
-    comparison; only the set of routes is ours.
-    """
-
-    def __init__(self, keys: list[str], metrics_open: bool):
-        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
-
-        self.checker = AuthenticationMiddleware(app=None, tokens=keys)
-        self.open_paths = PROBE_PATHS + ((METRICS_PATH,) if metrics_open else ())
-
-    @classmethod
-    def from_args(cls, args: Any) -> ApiKeyGuard | None:
-        """The guard the parsed flags ask for; None when the server has no key."""
-        from vllm import envs
-
-        keys = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
-        return cls(keys, not args.metrics_require_api_key) if keys else None
-
-    def allows(self, scope: Scope) -> bool:
-        if scope["method"] == "OPTIONS":  # CORS preflight carries no credentials (as in vLLM's check)
-            return True
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
-        open_path = path in self.open_paths or path.startswith(METRICS_PATH + "/") and METRICS_PATH in self.open_paths
-        return open_path or self.checker.verify_token(Headers(scope=scope))
 
 
 class LongRopeMiddleware:
@@ -136,7 +75,7 @@ class LongRopeMiddleware:
         if not self.guard_built:
             self.guard, self.guard_built = ApiKeyGuard.from_args(state.args), True
         if self.guard is not None and not self.guard.allows(scope):
-            await send_error(401, {"error": "Unauthorized"})
+            await send_error(401, {"error": API_KEY_MESSAGE})
             self._count(metrics, scope, method, 401)
             return
         length = headers.get("content-length")
@@ -161,12 +100,14 @@ class LongRopeMiddleware:
             headers["content-length"] = str(len(body))
             receive = _replaying(body, receive)
         runs: list[ChoiceRun] = []
-        token = current_choices.set(runs)
-        sender = _ResponseRewriter(send, request_id, path, runs, client)
+        refused: list[Refusal] = []
+        tokens = current_choices.set(runs), refusals.set(refused)
+        sender = _ResponseRewriter(send, request_id, path, runs, refused, client)
         try:
             await self.app(scope, receive, sender)
         finally:
-            current_choices.reset(token)
+            current_choices.reset(tokens[0])
+            refusals.reset(tokens[1])
             self._count(metrics, scope, method, sender.status)
             if metrics is not None and sender.context_refused:
                 metrics.refused.labels(metrics.model).inc()
@@ -211,8 +152,10 @@ def _rope_set_into_xargs(body: bytes) -> bytes:
 class _ResponseRewriter:
     """The ``send`` that adds our headers and fields and reshapes error bodies."""
 
-    def __init__(self, send: Send, request_id: str, path: str, runs: list[ChoiceRun], client: Any):
+    def __init__(self, send: Send, request_id: str, path: str, runs: list[ChoiceRun], refused: list[Refusal],
+                 client: Any):
         self.send, self.request_id, self.path, self.runs, self.client = send, request_id, path, runs, client
+        self.refused = refused  # refusals raised while this request was served: their codes win
         self.status = 500
         self.start: Message | None = None
         self.mode = "pass"  # pass | buffer (rewrite a whole JSON body) | sse (rewrite finishing chunks)
@@ -266,7 +209,7 @@ class _ResponseRewriter:
         except ValueError:
             payload = data.decode(errors="replace")
         if self.status >= 400:
-            payload = openai_error(self.status, payload)
+            payload = openai_error(self.status, payload, self.refused[0] if self.refused else None)
             self.context_refused = payload["error"]["code"] == "context_length_exceeded"
         elif self.path == "/v1/models":
             ladder = self.client.ladder

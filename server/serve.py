@@ -14,11 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+from rope_ext.environment import SERVE_PREFIX, parse_switch
 from rope_ext.factors import FactorFileError, Ladder
-from rope_ext.model_files import DEFAULT_LADDER, default_model_dir
+from rope_ext.models.smollm2 import DEFAULT_LADDER, default_model_dir
 from rope_ext.selection import Policy
 
-ENV_PREFIX = "LONGROPE_"
 OUR_MIDDLEWARE = "server.middleware.LongRopeMiddleware"
 
 
@@ -57,20 +57,19 @@ def _environment_defaults(parser: argparse.ArgumentParser) -> dict[str, object]:
     """LONGROPE_<DEST> for any flag, converted as the flag would be (lists: comma-separated)."""
     found: dict[str, object] = {}
     for action in parser._actions:  # argparse has no public list of a parser's actions
-        value = os.environ.get(ENV_PREFIX + action.dest.upper())
+        variable = SERVE_PREFIX + action.dest.upper()
+        value = os.environ.get(variable)
         if value is None or not action.option_strings:
             continue
-        if action.nargs == 0:  # a switch (--enforce-eager)
-            found[action.dest] = value.strip().lower() in ("1", "true", "yes", "on")
-            continue
         items = [v.strip() for v in value.split(",")] if action.nargs in ("+", "*") else [value]
-        convert = action.type if callable(action.type) else str
+        # a switch (--enforce-eager) takes true/false words; a flag with a value converts as the flag would
+        convert = parse_switch if action.nargs == 0 else action.type if callable(action.type) else str
         try:
             converted = [convert(v) for v in items]
         except (TypeError, ValueError) as exc:
-            parser.error(f"{ENV_PREFIX}{action.dest.upper()}={value!r}: {exc}")
+            parser.error(f"{variable}={value!r}: {exc}")
         if action.choices is not None and any(v not in action.choices for v in converted):
-            parser.error(f"{ENV_PREFIX}{action.dest.upper()}={value!r}: choose from {', '.join(map(str, action.choices))}")
+            parser.error(f"{variable}={value!r}: choose from {', '.join(map(str, action.choices))}")
         found[action.dest] = converted if action.nargs in ("+", "*") else converted[0]
     return found
 
@@ -94,7 +93,8 @@ def serve(argv: list[str]) -> int:
     """Exit 0 after a clean stop; 2 for a bad flag or factor file; 1 when the engine cannot start or dies."""
     import uvloop
 
-    from rope_ext.vllm_plugin.vllm_internals import SERVER_INTERNALS, check_internals
+    from rope_ext.vllm_plugin.vllm_internals import check_internals
+    from server.vllm_internals import SERVER_INTERNALS
 
     check_internals(SERVER_INTERNALS)
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args

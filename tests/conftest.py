@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from rope_ext.factors import Ladder
-from rope_ext.model_files import prepare_model
-from rope_ext.tiny_model import TINY_MAX_LEN, build_tiny_model
+from rope_ext.models.smollm2 import prepare_model
+from rope_ext.models.tiny import TINY_MAX_LEN, build_tiny_model
 
 
 @pytest.fixture(scope="session")

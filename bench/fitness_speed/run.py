@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rope_ext.corpus import BOOKS_DIR
-from rope_ext.evaluation import load_model
-from rope_ext.model_files import DEFAULT_LADDER
-from rope_ext.perplexity import documents, perplexity
-from rope_ext.search import Genome
+from rope_ext.research.corpus import BOOKS_DIR
+from rope_ext.research.evaluation import load_model
+from rope_ext.models.smollm2 import DEFAULT_LADDER
+from rope_ext.research.perplexity import documents, perplexity
+from rope_ext.research.search import Genome
 
 HERE = Path(__file__).resolve().parent
 LOG = DEFAULT_LADDER.parent / "search" / "smollm2-long-16384.log.jsonl"

@@ -127,8 +127,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
 
-    from rope_ext.model_files import prepare_model
-    from rope_ext.tiny_model import build_tiny_model
+    from rope_ext.models.smollm2 import prepare_model
+    from rope_ext.models.tiny import build_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="load-"))
     model, factors, _ = build_tiny_model(tmp, prepare_model())

@@ -126,7 +126,7 @@ def main() -> None:
         print(MARK + json.dumps(measure(args.measure, args.eager, args.repeats)))  # vLLM logs to stdout too
         return
 
-    from rope_ext.model_files import prepare_model
+    from rope_ext.models.smollm2 import prepare_model
 
     model = prepare_model()
     factors = bench_ladder(model)

@@ -88,7 +88,7 @@ def main() -> None:
         return
 
     from bench.plugin_overhead.run import DECODE, ENGINE, bench_ladder, run_engine
-    from rope_ext.model_files import prepare_model
+    from rope_ext.models.smollm2 import prepare_model
 
     model = prepare_model()
     factors = bench_ladder(model)

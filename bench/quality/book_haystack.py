@@ -2,7 +2,7 @@
 
 At 16k the filler passkey (`bench.quality.run`) puts ours, NTK and YaRN at its ceiling, so it
 cannot rank them. This asks the same question with real prose around the key (LongRoPE2's
-needle samples: `rope_ext.passkey.passkey_sample` with a haystack), the same 10 spread depths
+needle samples: `rope_ext.research.passkey.passkey_sample` with a haystack), the same 10 spread depths
 and keys (seed 0) for every method, and reports beside each pass the answer tokens' summed
 negative log-likelihood (lower: surer of the key), which still orders methods that all fail.
 Run plain RoPE at 8192 as the control: the model inside the window it was trained on.
@@ -34,11 +34,11 @@ from typing import Any
 import torch
 
 from bench.quality.run import BOOK
-from rope_ext.corpus import BOOKS_DIR, book_text
-from rope_ext.evaluation import load_model, method_sets
+from rope_ext.research.corpus import BOOKS_DIR, book_text
+from rope_ext.research.evaluation import load_model, method_sets
 from rope_ext.factors import load_ladder
-from rope_ext.model_files import DEFAULT_LADDER
-from rope_ext.passkey import passkey_trial, spread_depths, trial_plan, wilson_interval
+from rope_ext.models.smollm2 import DEFAULT_LADDER
+from rope_ext.research.passkey import passkey_trial, spread_depths, trial_plan, wilson_interval
 
 OUTPUT = Path(__file__).resolve().parent / "book_haystack.json"
 

@@ -41,13 +41,13 @@ from pathlib import Path
 
 import torch
 
-from rope_ext.corpus import BOOKS_DIR
-from rope_ext.evaluation import SLIDING, Measurements, load_model, passkey_report, perplexity_report, write_report
+from rope_ext.research.corpus import BOOKS_DIR
+from rope_ext.research.evaluation import SLIDING, Measurements, load_model, passkey_report, perplexity_report, write_report
 from rope_ext.factors import load_ladder
-from rope_ext.hf_model import RotatedModel
-from rope_ext.model_files import DEFAULT_LADDER
-from rope_ext.passkey import spread_depths
-from rope_ext.perplexity import documents
+from rope_ext.research.hf_model import RotatedModel
+from rope_ext.models.smollm2 import DEFAULT_LADDER
+from rope_ext.research.passkey import spread_depths
+from rope_ext.research.perplexity import documents
 
 HERE = Path(__file__).resolve().parent
 ROWS = HERE / "rows.jsonl"

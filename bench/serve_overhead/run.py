@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
 
-    from rope_ext.model_files import prepare_model
+    from rope_ext.models.smollm2 import prepare_model
 
     model = str(prepare_model())
     env = {"VLLM_CPU_KVCACHE_SPACE": "2"}

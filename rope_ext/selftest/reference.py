@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from rope_ext.factors import Ladder
-from rope_ext.hf_model import RotatedModel
+from rope_ext.research.hf_model import RotatedModel
 
 # Float32 vLLM against float32 transformers, one tolerance per engine device, for every set.
 # cpu: measured here, largest difference 5e-5 nats (a 600-token prompt in the long set).

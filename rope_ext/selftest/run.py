@@ -10,7 +10,6 @@ for one short and one long request on that model. Each engine runs in its own pr
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rope_ext import environment
 from rope_ext.factors import Ladder, save_ladder
 
 MODES = {"compiled": {}, "eager": {"enforce_eager": True}}
@@ -53,10 +53,10 @@ class Progress:
 
 def expected_set(ladder: Ladder, request: dict) -> str:
     """The set the engine must use: the plugin's own rule (pinned, else the budget rule)."""
-    from rope_ext.vllm_plugin.request_sets import ROPE_SET_KEY, set_for_request
+    from rope_ext.selection import engine_set
 
-    pinned = {ROPE_SET_KEY: request["rope_set"]} if request.get("rope_set") else None
-    return ladder.sets[set_for_request(ladder, len(request["prompt_token_ids"]), request["max_tokens"], pinned)].name
+    index = engine_set(ladder, len(request["prompt_token_ids"]), request["max_tokens"], request.get("rope_set"))
+    return ladder.sets[index].name
 
 
 def compare_results(model: str, mode: str, ladder: Ladder, requests: list[dict], results: list[dict],
@@ -99,7 +99,7 @@ def check(model_dir: Path, factors: Path, ladder: Ladder, spec: dict, label: str
     for mode, settings in MODES.items():
         progress(f"{label}: {mode} engine, {len(spec['requests'])} requests")
         run_spec = {**spec, "engine": {**spec["engine"], **parallel, **settings}}
-        outputs[mode] = run_in_process(run_spec, {"LONGROPE_FACTORS": str(factors)}, workdir, f"{label}-{mode}")
+        outputs[mode] = run_in_process(run_spec, {environment.FACTORS: str(factors)}, workdir, f"{label}-{mode}")
     progress(f"{label}: transformers references")
     reference = ReferenceModel(model_dir, ladder, spec["engine"]["max_model_len"])
     references = [reference.run(r["prompt_token_ids"], r["max_tokens"], expected_set(ladder, r))
@@ -110,7 +110,7 @@ def check(model_dir: Path, factors: Path, ladder: Ladder, spec: dict, label: str
 
 def tiny_check(workdir: Path, progress: Progress, parallel: dict) -> list[Row]:
     from rope_ext.selftest.workload import ENGINE, engine_spec
-    from rope_ext.tiny_model import build_tiny_model
+    from rope_ext.models.tiny import build_tiny_model
 
     progress("building the tiny three-set model")
     model_dir, factors, ladder = build_tiny_model(workdir, None)
@@ -119,14 +119,15 @@ def tiny_check(workdir: Path, progress: Progress, parallel: dict) -> list[Row]:
 
 
 def model_check(model_dir: Path, workdir: Path, progress: Progress, parallel: dict) -> list[Row]:
-    from rope_ext.vllm_plugin.model_ladder import FACTORS_ENV, ladder_for_model
+    from rope_ext.vllm_plugin.model_ladder import ladder_for_model
 
     config = json.loads((model_dir / "config.json").read_text())
     ladder = ladder_for_model(config)
     if ladder is None or len(ladder.sets) < 2:
-        raise ValueError(f"{model_dir} has no ladder: set {FACTORS_ENV} to a factor file, or serve a longrope model")
-    if os.environ.get(FACTORS_ENV):
-        factors = Path(os.environ[FACTORS_ENV])
+        raise ValueError(f"{model_dir} has no ladder: set {environment.FACTORS} to a factor file, or serve a "
+                         "longrope model")
+    if environment.factor_file():
+        factors = Path(environment.factor_file())
     else:  # the model's own longrope config: written out so the engine reads the same ladder
         factors = workdir / "model-ladder.json"
         save_ladder(ladder, factors)

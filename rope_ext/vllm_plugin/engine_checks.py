@@ -9,13 +9,11 @@ plugin does not understand.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
+from rope_ext import environment
 from rope_ext.vllm_plugin.model_ladder import ladder_for_engine
-
-V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 class UnsupportedEngine(RuntimeError):
@@ -35,10 +33,10 @@ def check_engine(vllm_config: Any) -> None:
         )
     if vllm_config.use_v2_model_runner:
         raise UnsupportedEngine(
-            f"longrope plugin: vLLM's V2 model runner is selected ({V2_RUNNER_ENV}="
-            f"{os.environ.get(V2_RUNNER_ENV, 'unset')}, or a feature that requires V2 such as HiSparse attention or "
+            f"longrope plugin: vLLM's V2 model runner is selected ({environment.V2_RUNNER}="
+            f"{environment.v2_runner_setting()}, or a feature that requires V2 such as HiSparse attention or "
             f"watermarking), and the plugin drives the V1 runner only: every request would get stock RoPE. Set "
-            f"{V2_RUNNER_ENV}=0 and drop those features, or switch the plugin off with LONGROPE_PLUGIN=0"
+            f"{environment.V2_RUNNER}=0 and drop those features, or switch the plugin off with {environment.PLUGIN}=0"
         )
 
 

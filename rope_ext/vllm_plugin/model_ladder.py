@@ -3,22 +3,23 @@
 One source for every process: the factor file that `longrope serve` puts in vLLM's
 ``additional_config`` (it travels with the engine's config to every engine and worker
 process), else ``$LONGROPE_FACTORS`` (plain ``vllm serve`` with the plugin), else the model's
-own longrope config. A file is parsed once per process (:func:`ladder_file`), and the server
-and the plugin in that process share the result.
+own longrope config. Each is parsed once per process (a file by its path, a config by its RoPE
+fields), and the server and the plugin in that process share the result.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
+from rope_ext import environment
 from rope_ext.factors import Ladder, load_ladder
-from rope_ext.hf_config import has_longrope, ladder_from_hf, model_info
+from rope_ext.hf_config import LADDER_FIELDS, has_longrope, ladder_from_hf, model_info
 
-FACTORS_ENV = "LONGROPE_FACTORS"
 CONFIG_KEY = "longrope_factors"  # in vLLM's additional_config
 
 
@@ -38,7 +39,15 @@ def ladder_file(path: str) -> Ladder:
 
 def ladder_from_config(config: dict[str, Any]) -> Ladder | None:
     """The model's own longrope ladder (a Phi-3 style pair), or None."""
-    return ladder_from_hf(config) if has_longrope(config) else None
+    if not has_longrope(config):
+        return None
+    return _ladder_from_fields(json.dumps({k: config[k] for k in LADDER_FIELDS if k in config}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _ladder_from_fields(fields: str) -> Ladder:
+    """Parsed once per process: vLLM asks for the ladder at every config hash and engine check."""
+    return ladder_from_hf(json.loads(fields))
 
 
 def ladder_for_model(hf_config: Any, factors: str | os.PathLike | None = None) -> Ladder | None:
@@ -47,7 +56,7 @@ def ladder_for_model(hf_config: Any, factors: str | os.PathLike | None = None) -
     A file that does not fit the model is refused here, naming what differs.
     """
     config = config_dict(hf_config)
-    path = factors or os.environ.get(FACTORS_ENV)
+    path = factors or environment.factor_file()
     if path:
         ladder = ladder_file(str(path))
         check_fits(ladder, config, path)
@@ -64,8 +73,7 @@ def ladder_for_engine(vllm_config: Any) -> Ladder | None:
 def carry_factors(args: Namespace, factors: Path) -> None:
     """Name ``factors`` in the engine's config (parsed serve ``args``), for every engine process."""
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: str(factors)}
-    # A plain model's config stops at W0; the factor file's sets carry it to max_model_len.
-    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    environment.allow_long_max_model_len()
 
 
 def check_fits(ladder: Ladder, config: dict[str, Any], source: str | os.PathLike = "factor file") -> None:

@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from collections.abc import Callable
 from typing import Any
 
+from rope_ext import environment
 from rope_ext.factors import Ladder
 
 SUPPORTED_VLLM = "0.32.0"
-SWITCH_ENV = "LONGROPE_PLUGIN"
 
 
 class UnsupportedVllm(RuntimeError):
     pass
-
-
-def plugin_enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "1").lower() not in ("0", "false", "off", "no")
 
 
 def check_vllm_version(version: str) -> None:
@@ -31,7 +26,7 @@ def check_vllm_version(version: str) -> None:
     if base != SUPPORTED_VLLM:
         raise UnsupportedVllm(
             f"longrope-serve's vLLM plugin is built for vLLM {SUPPORTED_VLLM}, but vLLM {version} is installed; "
-            f"install longrope-serve[cpu] or [gpu], or set {SWITCH_ENV}=0 to run stock vLLM"
+            f"install longrope-serve[cpu] or [gpu], or set {environment.PLUGIN}=0 to run stock vLLM"
         )
 
 
@@ -71,7 +66,7 @@ def _runner_with(base: type, *mixins: type) -> type:
 
 
 def register() -> None:
-    if not plugin_enabled():
+    if not environment.plugin_enabled():
         return
     import vllm
 
@@ -79,13 +74,9 @@ def register() -> None:
     from rope_ext.vllm_plugin.vllm_internals import check_internals
 
     check_internals()
-    # The mixin hooks vLLM's V1 model runner; V2 has other internals (engine_checks refuses it).
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    from rope_ext.vllm_plugin.model_ladder import FACTORS_ENV
-
-    if os.environ.get(FACTORS_ENV):
-        # A plain model's config stops at W0; the factor file's sets carry it to max_model_len.
-        os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    environment.default_to_v1_runner()  # the mixin hooks the V1 runner; engine_checks refuses an explicit V2
+    if environment.factor_file():
+        environment.allow_long_max_model_len()
 
     from vllm.config import VllmConfig
     from vllm.v1.engine.input_processor import InputProcessor

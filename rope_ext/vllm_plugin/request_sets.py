@@ -1,9 +1,10 @@
-"""API side of the plugin: every engine request leaves the input processor knowing its set.
+"""API side of the plugin: every engine request leaves vLLM's input processor knowing its set.
 
-The set's name goes into ``sampling_params.extra_args["rope_set"]`` (what the workers read)
-and into the request's ``cache_salt`` (so no prefix-cache block is shared between sets).
-A client, or our server, names a set with that same key (``vllm_xargs`` over HTTP);
-otherwise the shared selection rule picks one by prompt + max_tokens.
+This is the one gate into the engine, whoever the client is (our engine client, plain `vllm
+serve`, ``LLM.generate``), so the set's index is resolved here, once per request: from the name
+the request gives (``rope_set`` in its extra_args), else by the budget rule. The index goes into
+``extra_args`` for the workers, the name into the request's ``cache_salt`` (so no prefix-cache
+block is shared between sets).
 """
 
 from __future__ import annotations
@@ -12,21 +13,13 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from vllm.exceptions import VLLMValidationError
-
 from rope_ext.factors import Ladder
-from rope_ext.selection import ContextLengthExceeded, Policy, UnknownSet, choose_set
-
-ROPE_SET_KEY = "rope_set"
-
-
-def set_for_request(ladder: Ladder, prompt_tokens: int, max_tokens: int, extra_args: dict[str, Any] | None) -> int:
-    """The set a request runs in inside the engine: the one it names, else the budget rule (DESIGN.md rule 6)."""
-    pinned = (extra_args or {}).get(ROPE_SET_KEY)
-    return choose_set(ladder, prompt_tokens, max_tokens, Policy.BUDGET, pinned=pinned)
+from rope_ext.protocol import SET_INDEX_KEY, Refusal, naming_set, pinned_set, vllm_error
+from rope_ext.selection import engine_set
 
 
 def salt_for(set_name: str, client_salt: str | None) -> str:
+    """The request's prefix-cache salt: its set first, then the client's own salt (kept apart too)."""
     return f"rope-set:{set_name}" + (f"|{client_salt}" if client_salt else "")
 
 
@@ -45,13 +38,11 @@ def with_sets(process_inputs: Callable[..., Any], ladder_of: Callable[[Any], Lad
             return request
         prompt_tokens = len(request.prompt_token_ids) if request.prompt_token_ids is not None else 0
         try:
-            index = set_for_request(ladder, prompt_tokens, params.max_tokens, params.extra_args)
-        except UnknownSet as exc:
-            raise VLLMValidationError(str(exc), parameter=f"vllm_xargs.{ROPE_SET_KEY}") from None
-        except ContextLengthExceeded as exc:
-            raise VLLMValidationError(str(exc), parameter="max_tokens") from None
+            index = engine_set(ladder, prompt_tokens, params.max_tokens, pinned_set(params.extra_args))
+        except Refusal as refusal:
+            raise vllm_error(refusal) from None
         name = ladder.sets[index].name
-        params.extra_args = {**(params.extra_args or {}), ROPE_SET_KEY: name}
+        params.extra_args = {**naming_set(params.extra_args, name), SET_INDEX_KEY: index}
         request.cache_salt = salt_for(name, request.cache_salt)
         return request
 

@@ -20,7 +20,7 @@ from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope impo
 
 from rope_ext.factors import Ladder
 from rope_ext.vllm_plugin.model_ladder import LadderMismatch, ladder_for_engine
-from rope_ext.vllm_plugin.request_sets import ROPE_SET_KEY, set_for_request
+from rope_ext.protocol import SET_INDEX_KEY
 from rope_ext.vllm_plugin.rotary import LadderRotaryEmbedding
 from rope_ext.vllm_plugin.vllm_internals import RUNNER_STATE, check_runner_state
 
@@ -115,16 +115,16 @@ class PerRequestSetsMixin:
         )
 
     def _rope_set_index(self, req_id: str) -> int:
+        """The set index the input processor gave the request (request_sets.py), read once per request."""
         index = self._rope_set_of.get(req_id)
         if index is None:
-            state = self.requests[req_id]  # type: ignore[attr-defined]
-            params = state.sampling_params
-            assert self._rope_ladder is not None
-            if params is not None and params.extra_args and ROPE_SET_KEY in params.extra_args:
-                index = self._rope_ladder.index_of(params.extra_args[ROPE_SET_KEY])
-            else:  # the API process had no plugin: apply the same rule here
-                max_tokens = params.max_tokens if params is not None else 1
-                index = set_for_request(self._rope_ladder, len(state.prompt_token_ids or ()), max_tokens, None)
+            params = self.requests[req_id].sampling_params  # type: ignore[attr-defined]
+            index = (params.extra_args or {}).get(SET_INDEX_KEY) if params is not None else None
+            if index is None:
+                raise LadderMismatch(
+                    f"request {req_id} reached the model runner without a factor set: the process that took it "
+                    "in runs without the longrope plugin (LONGROPE_PLUGIN or VLLM_PLUGINS differ between processes)"
+                )
             self._rope_set_of[req_id] = index
         return index
 

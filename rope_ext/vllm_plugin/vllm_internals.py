@@ -1,7 +1,8 @@
-"""Every private vLLM name the plugin and `longrope serve` rely on, in lists checked at start.
+"""Every private vLLM name the plugin relies on, in lists checked at start (`longrope serve`'s own list,
+built from the same pieces, is ``server/vllm_internals.py``).
 
 Porting to another vLLM starts from these lists: each entry says where a name lives and what
-the plugin (or the server) does with it. ``check_internals`` looks every one up when the plugin registers,
+the plugin does with it. ``check_internals`` looks every one up when the plugin registers,
 and ``check_runner_state`` checks the runner's per-step state once the model is loaded, so a vLLM
 that moved or renamed one of them stops at start with that name instead of serving stock RoPE.
 """
@@ -60,22 +61,6 @@ CLI_INTERNALS = (
              "runs it after answering its importlib.metadata.version('vllm') lookup (rope_ext.vllm_cli)"),
 )
 
-# Checked by `longrope serve` (server/serve.py) before it parses its arguments: it runs vLLM's own
-# OpenAI server with our engine client in place of vLLM's.
-SERVER_INTERNALS = (
-    Internal("vllm.entrypoints.launchers.cli_args", "make_arg_parser", "builds `longrope serve`'s parser on it"),
-    Internal("vllm.entrypoints.launchers.cli_args", "validate_parsed_serve_args", "checks the parsed flags"),
-    Internal("vllm.entrypoints.launchers.launcher", "setup_server", "binds the listening socket"),
-    Internal("vllm.entrypoints.launchers.api_server.entry", "build_async_engine_client", "starts the AsyncLLM"),
-    Internal("vllm.entrypoints.launchers.api_server.entry", "build_and_serve",
-             "builds vLLM's app over our engine client and serves it (our middleware via --middleware)"),
-    Internal("vllm.v1.metrics.prometheus", "get_prometheus_registry", "adds our metrics to vLLM's /metrics"),
-    Internal("vllm.engine.protocol", "EngineClient.generate", "overrides it: admission, pinning, promotion"),
-    Internal("vllm.engine.protocol", "EngineClient.check_admission", "overrides it: 503 while draining"),
-    Internal("vllm.engine.protocol", "EngineClient.check_health", "overrides it: /health is 503 while draining"),
-    Internal("vllm.engine.protocol", "EngineClient.shutdown", "overrides it: SIGTERM lets running requests finish"),
-)
-
 # Read from the model runner every step (instance state, so checked once the model is loaded).
 RUNNER_STATE = ("requests", "max_num_tokens", "input_batch.req_ids")
 CPU_RUNNER_STATE = ("input_batch.generators", "input_batch.num_reqs", "discard_request_mask.np")
@@ -95,7 +80,7 @@ def check_internals(internals: tuple[Internal, ...] = INTERNALS) -> None:
         except (ImportError, AttributeError) as exc:
             raise MissingInternal(
                 f"longrope plugin: this vLLM has no {internal.module}.{internal.name} (the plugin {internal.use}): "
-                f"{exc}. Every vLLM internal longrope-serve uses is listed in {__name__}."
+                f"{exc}. Every vLLM internal longrope-serve uses is listed in {__name__} and server.vllm_internals."
             ) from None
 
 

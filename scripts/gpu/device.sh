@@ -110,7 +110,7 @@ import torch
 import transformers
 
 device, carried = sys.argv[1], sys.argv[2:]
-for module in ("rope_ext.cli", "rope_ext.evaluation", "rope_ext.search_run", "rope_ext.model_files", "gguf"):
+for module in ("longrope.cli", "rope_ext.research.evaluation", "rope_ext.research.search_run", "rope_ext.models.smollm2", "gguf"):
     importlib.import_module(module)
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"transformers {transformers.__version__}")
@@ -196,8 +196,8 @@ search_steps() {
   if [ -n "${LONGROPE_GPU_MODEL:-}" ]; then
     model=$LONGROPE_GPU_MODEL
   else  # named as the model, since factor files record the directory's name
-    model=$ROOT/$("$PY" -c 'from rope_ext.model_files import DEFAULT_MODEL_NAME; print(DEFAULT_MODEL_NAME)')
-    "$PY" -m rope_ext.cli prepare-model --gguf "$ROOT/model.gguf" --out "$model"
+    model=$ROOT/$("$PY" -c 'from rope_ext.models.smollm2 import DEFAULT_MODEL_NAME; print(DEFAULT_MODEL_NAME)')
+    "$PY" -m longrope prepare-model --gguf "$ROOT/model.gguf" --out "$model"
   fi
   mark "model ready: $model"
   [[ $DEVICE != cuda* ]] || attention_check "$model"
@@ -217,7 +217,7 @@ search_steps() {
     mark "search at $window, stopped after $left s at the latest"
     start=$(date +%s)
     # shellcheck disable=SC2046,SC2086  # the extra flags are words
-    timeout --signal=INT --kill-after=20 "$left" "$PY" -m rope_ext.cli search --model "$model" \
+    timeout --signal=INT --kill-after=20 "$left" "$PY" -m longrope search --model "$model" \
       --window "$window" --data "$PACK/search/books" --device "$DEVICE" --dtype bfloat16 --search-scale \
       --mode v2 --fitness ppl $(lambda_min_flag "$window") \
       --name "$name" -o "$stem.json" ${LONGROPE_GPU_SEARCH_ARGS:-} || rc=$?

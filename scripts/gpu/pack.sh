@@ -22,8 +22,8 @@ CALL_LIMIT=$((64 * 1024 * 1024))  # working tree + carried paths, per call
 BOOK=moby-dick.txt
 RESULTS=rope_ext/ladders/search/gpu
 
-gguf=${LONGROPE_GPU_GGUF:-$("$PY" -c 'from rope_ext.model_files import gguf_path; print(gguf_path())')}
-books=$("$PY" -c 'from rope_ext.corpus import BOOKS_DIR; print(BOOKS_DIR)')
+gguf=${LONGROPE_GPU_GGUF:-$("$PY" -c 'from rope_ext.models.smollm2 import gguf_path; print(gguf_path())')}
+books=$("$PY" -c 'from rope_ext.research.corpus import BOOKS_DIR; print(BOOKS_DIR)')
 
 rm -rf "$PACK/stage" "$PACK/search"
 mkdir -p "$PACK/stage/wheels" "$PACK/search/books" "$PACK/search/resume"

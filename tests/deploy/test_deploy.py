@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rope_ext.cli import build_parser
-from rope_ext.model_files import DEFAULT_LADDER
+from longrope.cli import build_parser
+from rope_ext.models.smollm2 import DEFAULT_LADDER
 from server.serve import build_parser as serve_parser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def test_entrypoint_is_our_serve_command():
                    if line.startswith("ENTRYPOINT")]
     assert entrypoints and all(e == ["longrope", "serve"] for e in entrypoints)
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["longrope"] == "rope_ext.cli:main"
+    assert scripts["longrope"] == "longrope.cli:main"
     assert "serve" in build_parser()._subparsers._group_actions[0].choices
     help_text = subprocess.run([str(BIN / "longrope"), "serve", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--rope-policy" in help_text.stdout

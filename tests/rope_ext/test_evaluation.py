@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from rope_ext.baselines import plain_set
-from rope_ext.cli import main
-from rope_ext.corpus import BOOKS_DIR
-from rope_ext.evaluation import Measurements, load_model, method_sets, passkey_report, perplexity_report
+from longrope.cli import main
+from rope_ext.research.corpus import BOOKS_DIR
+from rope_ext.research.evaluation import Measurements, load_model, method_sets, passkey_report, perplexity_report
 from rope_ext.factors import default_attention_scale, load_ladder
-from rope_ext.jsonl_rows import read_rows
-from rope_ext.passkey import (
+from rope_ext.research.jsonl_rows import read_rows
+from rope_ext.research.passkey import (
     last_tokens,
     needle_samples,
     passkey_sample,
@@ -27,8 +27,8 @@ from rope_ext.passkey import (
     trial_plan,
     wilson_interval,
 )
-from rope_ext.perplexity import Sample, documents, perplexity, sliding_perplexity
-from rope_ext.tiny_model import TINY_MAX_LEN, TINY_W0
+from rope_ext.research.perplexity import Sample, documents, perplexity, sliding_perplexity
+from rope_ext.models.tiny import TINY_MAX_LEN, TINY_W0
 
 BOOK = BOOKS_DIR / "moby-dick.txt"
 
@@ -305,8 +305,8 @@ def test_scale_search_finds_a_known_better_scale_on_the_tiny_model(tiny, tmp_pat
     """Text sampled from the model rotated with PI's λ at attention scale 1.4 is likeliest near 1.4. With
     λ held at PI's (bounds [4, 4]), a search that varies the scale finds it and beats the seed, which
     carries the formula's 1.118."""
-    from rope_ext.search import SearchConfig, SearchSpace
-    from rope_ext.search_run import SearchRun, search_summary
+    from rope_ext.research.search import SearchConfig, SearchSpace
+    from rope_ext.research.search_run import SearchRun, search_summary
 
     model, _, ladder, *_ = tiny
     pi = method_sets(ladder, 1024)["pi"]

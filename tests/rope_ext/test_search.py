@@ -8,7 +8,7 @@ import pytest
 
 from rope_ext.baselines import ntk_factors, yarn_factors
 from rope_ext.factors import ModelInfo
-from rope_ext.search import (
+from rope_ext.research.search import (
     N_HAT_CHOICES,
     Genome,
     SearchConfig,
@@ -114,8 +114,8 @@ def test_cli_defaults_come_from_the_search_config_and_the_baseline_registry():
     from dataclasses import asdict
 
     from rope_ext.baselines import METHODS
-    from rope_ext.cli import build_parser
-    from rope_ext.search import SearchConfig
+    from longrope.cli import build_parser
+    from rope_ext.research.search import SearchConfig
 
     parser = build_parser()
     args = parser.parse_args(["search", "--window", "512", "--data", "x", "-o", "out.json"])

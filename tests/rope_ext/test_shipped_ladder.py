@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from rope_ext.factors import load_ladder
-from rope_ext.model_files import DEFAULT_LADDER
-from rope_ext.search import critical_dimension
+from rope_ext.models.smollm2 import DEFAULT_LADDER
+from rope_ext.research.search import critical_dimension
 
 SEARCH = DEFAULT_LADDER.parent / "search"
 

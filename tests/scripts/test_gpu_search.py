@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from rope_ext.factors import load_ladder
-from rope_ext.tiny_model import TINY_MAX_LEN, TINY_W0
+from rope_ext.models.tiny import TINY_MAX_LEN, TINY_W0
 
 REPO = Path(__file__).resolve().parents[2]
 WINDOWS = (2 * TINY_W0, TINY_MAX_LEN)

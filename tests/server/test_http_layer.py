@@ -13,10 +13,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
-from rope_ext.tiny_model import tiny_ladder
-from server.engine_client import ChoiceRun, Promotion, current_choices
+from rope_ext.models.tiny import tiny_ladder
+from rope_ext.protocol import UnknownSet, vllm_error
+from server.choice_runs import ChoiceRun, Promotion, current_choices
 from server.metrics import ServerMetrics
-from server.middleware import LongRopeMiddleware, openai_error
+from server.middleware import LongRopeMiddleware
+from server.openai_errors import openai_error
 
 LIMIT = 1000
 
@@ -59,6 +61,13 @@ def app_with_routes() -> FastAPI:
         return JSONResponse({"error": {"message": "This model's maximum context length is 1024 tokens.",
                                        "type": "BadRequestError", "param": "input_tokens", "code": 400}},
                             status_code=400)
+
+    @app.get("/v1/refused")
+    async def refused():
+        """What vLLM's serving layer answers when the engine client raises a refusal."""
+        error = vllm_error(UnknownSet("no factor set named 'x'"))
+        return JSONResponse({"error": {"message": str(error), "type": "BadRequestError", "param": error.parameter,
+                                       "code": 400}}, status_code=400)
 
     app.add_middleware(LongRopeMiddleware)
     return app
@@ -125,6 +134,12 @@ def test_every_error_is_an_openai_error_object_with_a_string_code():
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
+def test_a_refusal_raised_while_serving_gives_its_own_code():
+    with client() as c:
+        error = c.get("/v1/refused").json()["error"]
+    assert error["code"] == "unknown_rope_set" and error["param"] == "rope_set"
+
+
 def test_context_length_refusals_are_counted_once_each():
     app = app_with_routes()
     with client(app) as c:
@@ -137,8 +152,12 @@ def test_context_length_refusals_are_counted_once_each():
 def test_error_shapes():
     assert openai_error(503, {"error": {"message": "busy", "type": "Service Unavailable", "code": 503}})["error"] == {
         "message": "busy", "type": "service_unavailable", "param": None, "code": "service_unavailable"}
+    refusal = UnknownSet("no factor set named 'x'")
+    assert openai_error(400, {"error": {"message": "no factor set named 'x'", "param": "rope_set", "code": 400}},
+                        refusal)["error"]["code"] == "unknown_rope_set"
     assert openai_error(400, {"error": {"message": "no factor set named 'x'", "param": "rope_set", "code": 400}}
-                        )["error"]["code"] == "unknown_rope_set"
-    assert openai_error(404, {"error": {"message": "The model `x` does not exist.", "code": 404}}
-                        )["error"]["code"] == "model_not_found"
+                        )["error"]["code"] == "invalid_request"  # the code comes from the refusal, not the text
+    assert openai_error(404, {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",
+                                        "code": 404}})["error"]["code"] == "model_not_found"
+    assert openai_error(404, {"detail": "Not Found"})["error"]["code"] == "not_found"
     assert openai_error(500, "Internal Server Error")["error"]["type"] == "server_error"

@@ -204,7 +204,7 @@ def test_sdk_parse_reply_goes_back_next_turn_with_metadata_and_store(client):
 
 def test_echo_prompt_logprobs_equal_the_reference(client, tokenizer, smollm2_dir):
     """What lm-eval-harness sends to score loglikelihood: a list of prompts, echo, logprobs 1."""
-    from rope_ext.model_files import DEFAULT_LADDER
+    from rope_ext.models.smollm2 import DEFAULT_LADDER
     from rope_ext.factors import load_ladder
     from rope_ext.selftest.reference import LOGPROB_TOLERANCE, ReferenceModel
 

@@ -8,20 +8,20 @@ import sys
 
 import openai
 
-from rope_ext.model_files import default_model_dir
+from rope_ext.models.smollm2 import default_model_dir
 from server.launch import PORT, ServerProcess
 from tests.server.conftest import REPO
 
 
 def serve(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rope_ext.cli", "serve", "--port", "0", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "longrope", "serve", "--port", "0", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
 def test_no_flags_serves_the_default_model_in_float32(tmp_path):
     """`longrope serve` as the README and the image run it (only the port from the environment): CPU
     float32 by default, compiled, the shipped ladder; "Paris" at temperature 0."""
-    server = ServerProcess([sys.executable, "-m", "rope_ext.cli", "serve"], tmp_path / "plain.log",
+    server = ServerProcess([sys.executable, "-m", "longrope", "serve"], tmp_path / "plain.log",
                            {"LONGROPE_PORT": PORT, "LONGROPE_FACTORS": None, "VLLM_CPU_KVCACHE_SPACE": "2"}, cwd=REPO)
     with server:
         client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)

@@ -7,8 +7,8 @@ and eager, so the engine matches transformers (compiled bfloat16 flips this clos
 import pytest
 from transformers import AutoTokenizer
 
-from rope_ext.cli import main
-from rope_ext.corpus import BOOKS_DIR, book_text
+from longrope.cli import main
+from rope_ext.research.corpus import BOOKS_DIR, book_text
 from rope_ext.factors import load_ladder
 from rope_ext.selftest.engine_run import run_in_process
 from rope_ext.selftest.reference import ReferenceModel, assert_greedy_matches

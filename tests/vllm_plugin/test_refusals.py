@@ -9,8 +9,10 @@ import torch
 
 from rope_ext.factors import load_ladder, save_ladder
 from rope_ext.vllm_plugin.model_ladder import LadderMismatch, check_fits, ladder_for_model
-from rope_ext.vllm_plugin.register import UnsupportedVllm, check_vllm_version, plugin_enabled
-from rope_ext.vllm_plugin.request_sets import salt_for, set_for_request
+from rope_ext.environment import plugin_enabled
+from rope_ext.selection import engine_set
+from rope_ext.vllm_plugin.register import UnsupportedVllm, check_vllm_version
+from rope_ext.vllm_plugin.request_sets import salt_for
 from rope_ext.selftest.engine_run import EngineRunFailed, run_in_process
 from tests.vllm_plugin.conftest import REPO
 
@@ -38,9 +40,9 @@ def test_salt_separates_sets_and_keeps_the_clients():
 
 def test_engine_rule_is_pinned_else_budget(tiny_model):
     ladder = tiny_model[2]
-    assert set_for_request(ladder, 100, 10, None) == 0
-    assert set_for_request(ladder, 100, 200, {}) == 1
-    assert set_for_request(ladder, 100, 10, {"rope_set": "long"}) == 2
+    assert engine_set(ladder, 100, 10) == 0
+    assert engine_set(ladder, 100, 200) == 1
+    assert engine_set(ladder, 100, 10, "long") == 2
 
 
 def test_ladder_comes_from_file_else_config(tiny_model, monkeypatch):
@@ -100,8 +102,9 @@ def test_every_vllm_internal_the_plugin_uses_is_listed_and_present():
 
     from rope_ext.vllm_plugin.cpu_generators import SeededCpuGeneratorsMixin
     from rope_ext.vllm_plugin.runner import PerRequestSetsMixin
-    from rope_ext.vllm_plugin.vllm_internals import CLI_INTERNALS, INTERNALS, SERVER_INTERNALS, check_internals
+    from rope_ext.vllm_plugin.vllm_internals import CLI_INTERNALS, INTERNALS, check_internals
     from server.engine_client import LadderEngineClient
+    from server.vllm_internals import SERVER_INTERNALS
 
     check_internals()
     check_internals(CLI_INTERNALS)

@@ -8,7 +8,7 @@ Methods compared at a length L (names used in reports and ``--methods``):
 - ``set:<name>``: one set of the factor file, whatever L is;
 - ``ladder``: the set the server would start an L-token request in (the regime rule itself);
 - ``sliding`` (when asked for, at lengths past W0): the floor, plain RoPE that sees only the
-  last W0 tokens (perplexity: :func:`rope_ext.perplexity.sliding_perplexity`; passkey: the
+  last W0 tokens (perplexity: :func:`rope_ext.research.perplexity.sliding_perplexity`; passkey: the
   prompt's last W0 tokens, so a key further back is out of its sight).
 """
 
@@ -27,11 +27,11 @@ import torch
 from rope_ext import baselines
 from rope_ext.factors import FactorSet, Ladder, load_ladder
 from rope_ext.hf_config import model_info
-from rope_ext.hf_model import RotatedModel
-from rope_ext.jsonl_rows import append_row, read_rows
-from rope_ext.model_files import DEFAULT_LADDER, default_model_dir
-from rope_ext.passkey import passkey_trial, trial_plan, wilson_interval
-from rope_ext.perplexity import Perplexity, book_files, documents, perplexity, sliding_perplexity
+from rope_ext.research.hf_model import RotatedModel
+from rope_ext.research.jsonl_rows import append_row, read_rows
+from rope_ext.models.smollm2 import DEFAULT_LADDER, default_model_dir
+from rope_ext.research.passkey import passkey_trial, trial_plan, wilson_interval
+from rope_ext.research.perplexity import Perplexity, book_files, documents, perplexity, sliding_perplexity
 from rope_ext.selection import Policy, choose_set
 
 SLIDING = "sliding"

@@ -4,7 +4,7 @@ A genome is one factor set's λ per rotary dimension plus n̂. The first populat
 PI, NTK and YaRN sets and mutants of them; every iteration keeps the best ``parents`` genomes
 and adds ``mutations`` mutants and ``crossovers`` children of them. Fitness is a perplexity
 (lower is better) computed by a caller-supplied function, so the search itself is pure and
-cheap to test; :mod:`rope_ext.search_run` wires it to a real model, a disk cache and a log.
+cheap to test; :mod:`rope_ext.research.search_run` wires it to a real model, a disk cache and a log.
 
 Mode ``v2`` follows LongRoPE2 (Shang et al. 2025): dimensions below the critical dimension
 (whose period first exceeds W0) are not free, they follow an NTK-style geometric ramp tied to

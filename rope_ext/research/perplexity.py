@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from rope_ext.corpus import book_text
+from rope_ext.research.corpus import book_text
 from rope_ext.factors import FactorSet
-from rope_ext.hf_model import RotatedModel
+from rope_ext.research.hf_model import RotatedModel
 
 
 @dataclass(frozen=True)

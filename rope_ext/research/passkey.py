@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from rope_ext.factors import FactorSet
-from rope_ext.hf_model import RotatedModel
-from rope_ext.perplexity import Sample
+from rope_ext.research.hf_model import RotatedModel
+from rope_ext.research.perplexity import Sample
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -145,7 +145,7 @@ def needle_samples(tokenizer, data, length: int, per_book: int, seed: int) -> li
     Only the answer tokens are scored, so the fitness rewards retrieving from far back
     rather than predicting nearby text well.
     """
-    from rope_ext.perplexity import documents
+    from rope_ext.research.perplexity import documents
 
     rng = random.Random(seed)
     samples = []

@@ -16,10 +16,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rope_ext.factors import FORMAT_VERSION, Ladder, ModelInfo
-from rope_ext.hf_model import RotatedModel
-from rope_ext.jsonl_rows import append_row, read_rows
-from rope_ext.perplexity import Sample, perplexity
-from rope_ext.search import Evaluated, Genome, SearchConfig, SearchResult, SearchSpace, evolve
+from rope_ext.research.hf_model import RotatedModel
+from rope_ext.research.jsonl_rows import append_row, read_rows
+from rope_ext.research.perplexity import Sample, perplexity
+from rope_ext.research.search import Evaluated, Genome, SearchConfig, SearchResult, SearchSpace, evolve
 
 
 class EvaluationCache:

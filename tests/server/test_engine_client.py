@@ -1,0 +1,294 @@
+"""The engine client over a fake AsyncLLM (fast): admission, promotion's stitching, stop strings across a
+switch, n > 1, final-only output, abort, drain and engine death.
+
+The fake engine's next token is a function of the whole sequence (and the seed), so a choice cut into
+segments must produce exactly the tokens of one uninterrupted run: any token lost, repeated or
+generated from the wrong context across a switch shows. The real engine is proven by
+tests/server/test_promotion.py against the transformers reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from rope_ext.models.tiny import tiny_ladder
+from rope_ext.protocol import ROPE_SET_KEY, refusals
+from rope_ext.selection import Policy
+from server.choice_runs import ChoiceRun, current_choices
+from server.engine_client import LadderEngineClient
+from server.metrics import ServerMetrics
+
+pytestmark = pytest.mark.unit
+
+LADDER = tiny_ladder()  # windows 256, 512, 1024
+SHORT, MID = LADDER.sets[0].window, LADDER.sets[1].window
+
+
+def next_token(sequence: list[int], seed: int) -> int:
+    return (sum(sequence[-3:]) * 31 + len(sequence) + seed) % 26
+
+
+def letter(token: int) -> str:
+    return chr(ord("a") + token)
+
+
+def uninterrupted(prompt: list[int], max_tokens: int, seed: int = 0) -> list[int]:
+    """What one engine request with no window would generate."""
+    sequence = list(prompt)
+    for _ in range(max_tokens):
+        sequence.append(next_token(sequence, seed))
+    return sequence[len(prompt):]
+
+
+@dataclass
+class Call:
+    request_id: str
+    set_name: str | None
+    prompt: list[int]
+    params: SamplingParams
+    produced: int = 0
+    ended: str = "running"  # finished, or closed (the client left: vLLM aborts the request)
+
+
+@dataclass
+class FakeEngine:
+    """AsyncLLM's ``generate`` and the lifecycle methods the engine client calls."""
+
+    calls: list[Call] = field(default_factory=list)
+    errored: bool = False
+    shut_down: bool = False
+    exits: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.engine_core = SimpleNamespace(resources=SimpleNamespace(
+            engine_manager=SimpleNamespace(finished_procs=lambda: self.exits)))
+
+    def generate(self, prompt, params: SamplingParams, request_id: str, **kwargs):
+        call = Call(request_id, (params.extra_args or {}).get(ROPE_SET_KEY), list(prompt["prompt_token_ids"]),
+                    params)
+        self.calls.append(call)
+        return self._outputs(call)
+
+    async def _outputs(self, call: Call):
+        params = call.params
+        try:
+            reported = False  # prompt logprobs come with the request's first output
+            for index in range(params.n):
+                sequence = list(call.prompt)
+                tokens: list[int] = []
+                for step in range(params.max_tokens):
+                    token = next_token(sequence, (params.seed or 0) + index)
+                    sequence.append(token)
+                    tokens.append(token)
+                    call.produced += 1
+                    last = step == params.max_tokens - 1
+                    if params.output_kind is RequestOutputKind.FINAL_ONLY and not last:
+                        continue
+                    piece = tokens if params.output_kind is RequestOutputKind.FINAL_ONLY else [token]
+                    completion = CompletionOutput(index, "".join(map(letter, piece)), piece, None, None,
+                                                  finish_reason="length" if last else None)
+                    prompt_logprobs = ["prompt logprobs"] if params.prompt_logprobs is not None and not reported else None
+                    reported = True
+                    yield RequestOutput(call.request_id, None, call.prompt, prompt_logprobs, [completion],
+                                        finished=last and index == params.n - 1)
+                    await asyncio.sleep(0)
+            call.ended = "finished"
+        finally:
+            if call.ended == "running":
+                call.ended = "closed"
+
+    def check_admission(self, n=1, request_id=None):
+        pass
+
+    async def check_health(self):
+        if self.errored:
+            raise EngineDeadError()
+
+    def shutdown(self, timeout=None):
+        self.shut_down = True
+
+
+def client(policy: Policy = Policy.DYNAMIC) -> tuple[LadderEngineClient, FakeEngine]:
+    engine = FakeEngine()
+    return LadderEngineClient(engine, LADDER, policy, ServerMetrics("m")), engine
+
+
+def params(max_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, output_kind=kwargs.pop("output_kind", RequestOutputKind.DELTA),
+                          **kwargs)
+
+
+def collect(outputs, stop_after: int | None = None) -> list[RequestOutput]:
+    async def run():
+        got = []
+        async for output in outputs:
+            got.append(output)
+            if stop_after is not None and len(got) >= stop_after:
+                break
+        await outputs.aclose()
+        return got
+
+    return asyncio.run(run())
+
+
+def admitted(ladder_client: LadderEngineClient, prompt: list[int], sampling: SamplingParams,
+             request_id: str = "r") -> tuple[list[RequestOutput], list[ChoiceRun]]:
+    runs: list[ChoiceRun] = []
+    token = current_choices.set(runs)
+    try:
+        outputs = ladder_client.generate({"prompt_token_ids": prompt}, sampling, request_id)
+    finally:
+        current_choices.reset(token)
+    return collect(outputs), runs
+
+
+def tokens_of(outputs: list[RequestOutput], index: int = 0) -> list[int]:
+    return [t for o in outputs for c in o.outputs if c.index == index for t in c.token_ids]
+
+
+PROMPT = [3] * (SHORT - 6)  # 6 tokens of room in the short set
+
+
+def test_a_request_that_fits_runs_as_vllms_own_request_in_its_set():
+    ladder_client, engine = client()
+    outputs, runs = admitted(ladder_client, [1] * 100, params(20))
+    assert [(c.request_id, c.set_name, c.params.max_tokens) for c in engine.calls] == [("r", "short", 20)]
+    assert tokens_of(outputs) == uninterrupted([1] * 100, 20)
+    assert runs[0].promotions == [] and runs[0].outcome == "length" and ladder_client.running == 0
+
+
+def test_promotion_stitches_segments_into_one_sequence():
+    ladder_client, engine = client()
+    outputs, runs = admitted(ladder_client, PROMPT, params(30, prompt_logprobs=0))
+    assert [(c.request_id, c.set_name, len(c.prompt), c.params.max_tokens) for c in engine.calls] == [
+        ("r", "short", SHORT - 6, 6), ("r-s1", "mid", SHORT, 24)]  # re-prefilled: prompt + the 6 generated
+    assert engine.calls[1].params.prompt_logprobs is None  # reported once, by the first segment
+    assert tokens_of(outputs) == uninterrupted(PROMPT, 30)  # nothing lost, repeated or out of context
+    assert [o.outputs[0].finish_reason for o in outputs if o.outputs[0].finish_reason] == ["length"]
+    assert [o.finished for o in outputs].count(True) == 1 and outputs[-1].finished
+    assert {o.request_id for o in outputs} == {"r"} and all(o.prompt_token_ids == PROMPT for o in outputs)
+    assert [p.as_dict() for p in runs[0].promotions] == [{"from": "short", "to": "mid", "at_tokens": SHORT}]
+    assert runs[0].completion_tokens == 30 and runs[0].outcome == "length"
+
+
+def test_two_promotions_and_min_tokens_carry_over():
+    ladder_client, engine = client()
+    outputs, runs = admitted(ladder_client, PROMPT, params(SHORT + 20, min_tokens=10))
+    assert [c.set_name for c in engine.calls] == ["short", "mid", "long"]
+    assert [c.params.min_tokens for c in engine.calls] == [10, 4, 0]
+    assert tokens_of(outputs) == uninterrupted(PROMPT, SHORT + 20)
+    assert [p.at_tokens for p in runs[0].promotions] == [SHORT, MID]
+
+
+def test_a_stop_string_across_the_switch_stops_and_aborts_the_segment():
+    whole = "".join(map(letter, uninterrupted(PROMPT, 30)))
+    stop = whole[5:8]  # its first character comes from the short set, the rest from the next one
+    assert whole.find(stop) == 5, "the fake model repeats this stop earlier; pick other positions"
+    ladder_client, engine = client()
+    outputs, runs = admitted(ladder_client, PROMPT, params(30, stop=[stop]))
+    assert all(c.params.stop == [] for c in engine.calls)  # checked across segments, not per engine request
+    assert "".join(c.text for o in outputs for c in o.outputs) == whole[:5]
+    final = outputs[-1].outputs[0]
+    assert (final.finish_reason, final.stop_reason, outputs[-1].finished) == ("stop", stop, True)
+    assert engine.calls[-1].ended == "closed" and runs[0].outcome == "stop"
+
+
+def test_n_choices_each_promoted_on_their_own_with_their_own_seed():
+    ladder_client, engine = client()
+    outputs, runs = admitted(ladder_client, PROMPT, params(20, n=2, seed=7))
+    assert sorted((c.request_id, c.set_name, c.params.seed) for c in engine.calls) == [
+        ("r-0", "short", 7), ("r-0-s1", "mid", 7), ("r-1", "short", 8), ("r-1-s1", "mid", 8)]
+    for i in range(2):
+        assert tokens_of(outputs, i) == uninterrupted(PROMPT, 20, seed=7 + i)
+    assert tokens_of(outputs, 0) != tokens_of(outputs, 1)
+    assert {o.request_id for o in outputs} == {"r"}
+    assert [len(r.promotions) for r in runs] == [1, 1]
+
+
+def test_final_only_output_is_one_output_with_every_token():
+    ladder_client, _ = client()
+    outputs, _ = admitted(ladder_client, PROMPT, params(30, prompt_logprobs=0,
+                                                         output_kind=RequestOutputKind.FINAL_ONLY))
+    assert len(outputs) == 1 and outputs[0].finished
+    final = outputs[0].outputs[0]
+    assert list(final.token_ids) == uninterrupted(PROMPT, 30)
+    assert final.text == "".join(map(letter, final.token_ids)) and final.finish_reason == "length"
+    assert outputs[0].prompt_logprobs == ["prompt logprobs"]  # the first segment's
+
+
+def test_final_only_with_n_merges_the_choices():
+    ladder_client, _ = client()
+    outputs, _ = admitted(ladder_client, PROMPT, params(20, n=2, seed=1, output_kind=RequestOutputKind.FINAL_ONLY))
+    assert len(outputs) == 1 and [c.index for c in outputs[0].outputs] == [0, 1]
+    assert [list(c.token_ids) for c in outputs[0].outputs] == [uninterrupted(PROMPT, 20, 1),
+                                                               uninterrupted(PROMPT, 20, 2)]
+
+
+def test_a_client_that_leaves_aborts_the_engine_request():
+    ladder_client, engine = client()
+    runs: list[ChoiceRun] = []
+    token = current_choices.set(runs)
+    outputs = ladder_client.generate({"prompt_token_ids": PROMPT}, params(30), "r")
+    current_choices.reset(token)
+    got = collect(outputs, stop_after=2)
+    assert len(got) == 2 and engine.calls[-1].ended == "closed" and engine.calls[-1].produced == 2
+    assert ladder_client.running == 0 and runs[0].outcome == "aborted"
+
+
+def test_pinned_or_constrained_or_budget_requests_never_promote():
+    from vllm.sampling_params import StructuredOutputsParams
+
+    for sampling, policy in ((params(30, extra_args={ROPE_SET_KEY: "mid"}), Policy.DYNAMIC),
+                             (params(30, structured_outputs=StructuredOutputsParams(regex="[a-z]+")), Policy.DYNAMIC),
+                             (params(30), Policy.BUDGET)):
+        ladder_client, engine = client(policy)
+        outputs, runs = admitted(ladder_client, PROMPT, sampling)
+        assert [(c.set_name, c.params.max_tokens) for c in engine.calls] == [("mid", 30)]
+        assert runs[0].promotions == [] and tokens_of(outputs) == uninterrupted(PROMPT, 30)
+
+
+@pytest.mark.parametrize("extra,prompt_len,code,param", [
+    ({ROPE_SET_KEY: "huge"}, 10, "unknown_rope_set", "rope_set"),
+    ({ROPE_SET_KEY: "short"}, SHORT - 5, "context_length_exceeded", "rope_set"),
+    (None, LADDER.max_window, "context_length_exceeded", "max_tokens"),
+])
+def test_refusals_raise_at_the_call_with_their_code(extra, prompt_len, code, param):
+    ladder_client, engine = client()
+    recorded: list = []
+    token = refusals.set(recorded)
+    try:
+        with pytest.raises(VLLMValidationError) as info:
+            ladder_client.generate({"prompt_token_ids": [1] * prompt_len}, params(10, extra_args=extra), "r")
+    finally:
+        refusals.reset(token)
+    assert info.value.parameter == param and [(r.code, r.param) for r in recorded] == [(code, param)]
+    assert engine.calls == [] and ladder_client.running == 0
+
+
+def test_drain_refuses_new_requests_and_health_then_stops_the_engine():
+    ladder_client, engine = client()
+    ladder_client.shutdown(timeout=1)
+    assert engine.shut_down and ladder_client.death_reason() is None
+    with pytest.raises(GracefulHTTPError):
+        ladder_client.check_admission()
+    with pytest.raises(EngineDeadError):
+        asyncio.run(ladder_client.check_health())
+
+
+def test_an_engine_that_died_says_which_process_and_how():
+    ladder_client, engine = client()
+    assert ladder_client.death_reason() is None
+    engine.errored, engine.exits = True, {"EngineCore": -9}
+    assert ladder_client.death_reason().startswith("process EngineCore was killed by SIGKILL")
+    engine.exits = {"EngineCore": 1}
+    assert ladder_client.death_reason().startswith("process EngineCore exited with status 1")
+    engine.exits = {}
+    assert ladder_client.death_reason().startswith("the engine core reported a fatal error")

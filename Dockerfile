@@ -29,9 +29,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends libnuma1 g++ \
     && groupadd --system --gid 10001 longrope \
     && useradd --system --uid 10001 --gid longrope --create-home --home-dir /home/longrope longrope
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY rope_ext ./rope_ext
 COPY server ./server
+COPY longrope ./longrope
 # torchvision/torchaudio/torchcodec from PyPI are built for another torch and break transformers
 # beside the CPU torch. Triton (1 GB, pulled in by xgrammar) runs GPU kernels only: on CPU
 # xgrammar masks logits with its own C++ kernel and inductor generates C++. The GGUF package is
@@ -59,9 +60,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 RUN groupadd --system --gid 10001 longrope \
     && useradd --system --uid 10001 --gid longrope --create-home --home-dir /home/longrope longrope
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY rope_ext ./rope_ext
 COPY server ./server
+COPY longrope ./longrope
 # No [gpu] extra: vLLM is the base image's, so pip adds only what it lacks and leaves vLLM's
 # resolution as it is.
 RUN python3 -m pip install "./[${GPU_EXTRAS}]"

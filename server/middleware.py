@@ -68,7 +68,8 @@ class LongRopeMiddleware:
         async def send_error(status: int, body: dict) -> None:
             data = json.dumps(openai_error(status, body), separators=(",", ":")).encode()
             await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(data)).encode()),
                                     (b"x-request-id", request_id.encode())]})
             await send({"type": "http.response.body", "body": data})
 

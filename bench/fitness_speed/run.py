@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rope_ext.models.smollm2 import DEFAULT_LADDER
 from rope_ext.research.corpus import BOOKS_DIR
 from rope_ext.research.evaluation import load_model
-from rope_ext.models.smollm2 import DEFAULT_LADDER
 from rope_ext.research.perplexity import documents, perplexity
 from rope_ext.research.search import Genome
 

@@ -70,7 +70,8 @@ def workload(n: int, seed: int) -> list[dict]:
             plans.append({"kind": "pinned", "prompt": ids(rng.randrange(200, 250)), "max_tokens": 40,
                           "rope_set": "mid"})
         else:
-            plans.append({"kind": "short", "prompt": ids(rng.randrange(10, 120)), "max_tokens": rng.choice([8, 16, 32])})
+            plans.append({"kind": "short", "prompt": ids(rng.randrange(10, 120)),
+                          "max_tokens": rng.choice([8, 16, 32])})
     return plans
 
 
@@ -163,7 +164,8 @@ def main() -> None:
         "command": "python -m bench.load.run",
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "server": {"model": "tiny random-weight Llama (rope_ext/tiny_model.py)", "ladder": "short 256, mid 512, long 1024",
+        "server": {"model": "tiny random-weight Llama (rope_ext/models/tiny.py)",
+                   "ladder": "short 256, mid 512, long 1024",
                    "policy": "dynamic", "engine_flags": ENGINE},
         "requests": args.requests, "concurrency": args.concurrency, "seconds": round(elapsed, 1),
         "by_kind": by_kind, "requests_promoted": promoted, "errors": len(errors), "error_samples": errors[:5],

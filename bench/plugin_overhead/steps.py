@@ -57,8 +57,8 @@ def measure(model: str, eager: bool, repeats: int) -> dict:
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
 
     def batch(salt: int) -> list[dict]:
-        return [{"prompt_token_ids": [(salt * 7919 + i * 104729 + j * 31) % 40000 + 100 for j in range(DECODE["prompt"])]}
-                for i in range(n)]
+        return [{"prompt_token_ids": [(salt * 7919 + i * 104729 + j * 31) % 40000 + 100
+                                      for j in range(DECODE["prompt"])]} for i in range(n)]
 
     llm.generate(batch(1), params, use_tqdm=False)  # warm-up
     runs = []

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from bench.quality.run import BOOK
-from rope_ext.research.corpus import BOOKS_DIR, book_text
-from rope_ext.research.evaluation import load_model, method_sets
 from rope_ext.factors import load_ladder
 from rope_ext.models.smollm2 import DEFAULT_LADDER
+from rope_ext.research.corpus import BOOKS_DIR, book_text
+from rope_ext.research.evaluation import load_model, method_sets
 from rope_ext.research.passkey import passkey_trial, spread_depths, trial_plan, wilson_interval
 
 OUTPUT = Path(__file__).resolve().parent / "book_haystack.json"

@@ -41,11 +41,18 @@ from pathlib import Path
 
 import torch
 
-from rope_ext.research.corpus import BOOKS_DIR
-from rope_ext.research.evaluation import SLIDING, Measurements, load_model, passkey_report, perplexity_report, write_report
 from rope_ext.factors import load_ladder
-from rope_ext.research.hf_model import RotatedModel
 from rope_ext.models.smollm2 import DEFAULT_LADDER
+from rope_ext.research.corpus import BOOKS_DIR
+from rope_ext.research.evaluation import (
+    SLIDING,
+    Measurements,
+    load_model,
+    passkey_report,
+    perplexity_report,
+    write_report,
+)
+from rope_ext.research.hf_model import RotatedModel
 from rope_ext.research.passkey import spread_depths
 from rope_ext.research.perplexity import documents
 

@@ -27,9 +27,9 @@ import torch
 from rope_ext import baselines
 from rope_ext.factors import FactorSet, Ladder, load_ladder
 from rope_ext.hf_config import model_info
+from rope_ext.models.smollm2 import DEFAULT_LADDER, default_model_dir
 from rope_ext.research.hf_model import RotatedModel
 from rope_ext.research.jsonl_rows import append_row, read_rows
-from rope_ext.models.smollm2 import DEFAULT_LADDER, default_model_dir
 from rope_ext.research.passkey import passkey_trial, trial_plan, wilson_interval
 from rope_ext.research.perplexity import Perplexity, book_files, documents, perplexity, sliding_perplexity
 from rope_ext.selection import Policy, choose_set

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rope_ext.research.corpus import book_text
 from rope_ext.factors import FactorSet
+from rope_ext.research.corpus import book_text
 from rope_ext.research.hf_model import RotatedModel
 
 

@@ -109,8 +109,8 @@ def check(model_dir: Path, factors: Path, ladder: Ladder, spec: dict, label: str
 
 
 def tiny_check(workdir: Path, progress: Progress, parallel: dict) -> list[Row]:
-    from rope_ext.selftest.workload import ENGINE, engine_spec
     from rope_ext.models.tiny import build_tiny_model
+    from rope_ext.selftest.workload import ENGINE, engine_spec
 
     progress("building the tiny three-set model")
     model_dir, factors, ladder = build_tiny_model(workdir, None)

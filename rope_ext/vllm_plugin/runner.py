@@ -19,8 +19,8 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import Phi3LongRoPEScaledRotaryEmbedding
 
 from rope_ext.factors import Ladder
-from rope_ext.vllm_plugin.model_ladder import LadderMismatch, ladder_for_engine
 from rope_ext.protocol import SET_INDEX_KEY
+from rope_ext.vllm_plugin.model_ladder import LadderMismatch, ladder_for_engine
 from rope_ext.vllm_plugin.rotary import LadderRotaryEmbedding
 from rope_ext.vllm_plugin.vllm_internals import RUNNER_STATE, check_runner_state
 

@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--methods", default="ladder,ntk,yarn", help="plain, pi, ntk, yarn, ladder, set:NAME")
     parser.add_argument("--factors", type=Path, default=DEFAULT_LADDER, help="factor file (default: the shipped one)")
-    parser.add_argument("--book", default=BOOK, help="a book in ../shared/data/books")
+    parser.add_argument("--book", default=BOOK, help="a book in data/books (or $LONGROPE_BOOKS_DIR)")
     parser.add_argument("--skip", type=int, default=32768, help="book tokens left out before the haystack")
     parser.add_argument("--haystack", choices=["book", "filler"], default="book",
                         help="the book's prose around the key, or the filler passkey's sentences")

@@ -93,7 +93,7 @@ def _names(text: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--book", default=BOOK, help="a book in ../shared/data/books")
+    parser.add_argument("--book", default=BOOK, help="a book in data/books (or $LONGROPE_BOOKS_DIR)")
     parser.add_argument("--factors", type=Path, default=DEFAULT_LADDER, help="factor file (default: the shipped one)")
     parser.add_argument("--lengths", type=_ints, default=[4096, 8192, 16384, 32768])
     parser.add_argument("--methods", type=_names,

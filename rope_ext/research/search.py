@@ -12,7 +12,7 @@ the critical dimension's λ; the dimensions from it upward are searched in [s, 2
 
 The attention scale (mscale) is searched too when the space has scale bounds (LongRoPE2
 searches it; the margin of a searched set over NTK comes largely from it). Otherwise every
-genome carries DESIGN.md's per-set formula, as before.
+genome carries the per-set formula (docs/design.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Genome:
 
     factors: tuple[float, ...]
     n_hat: int = 0
-    attention_scale: float | None = None  # None: not searched, the set gets DESIGN.md's formula
+    attention_scale: float | None = None  # None: not searched, the set gets the per-set formula
 
     @property
     def key(self) -> str:

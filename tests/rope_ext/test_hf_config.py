@@ -16,6 +16,8 @@ from longrope.cli import main
 from rope_ext.factors import FactorFileError, load_ladder
 from rope_ext.hf_config import ladder_from_hf, ladder_to_hf
 
+pytestmark = pytest.mark.unit
+
 
 def ramp(n: int, top: float) -> list[float]:
     return [round(1.0 + (top - 1.0) * (i / (n - 1)) ** 2, 4) for i in range(n)]
@@ -150,9 +152,8 @@ def test_import_refuses_wrong_factor_count_naming_the_field():
 
 
 def test_export_refuses_three_sets(tmp_path):
-    from tests.rope_ext.test_factors import GOOD
-
     from rope_ext.factors import parse_ladder
+    from tests.helpers import GOOD
 
     with pytest.raises(ValueError, match="exactly two sets"):
         ladder_to_hf(parse_ladder(GOOD))

@@ -4,7 +4,9 @@ import pytest
 
 from rope_ext.factors import parse_ladder
 from rope_ext.selection import ContextLengthExceeded, Policy, UnknownSet, choose_set
-from tests.rope_ext.test_factors import GOOD  # windows 256, 512, 1024
+from tests.helpers import GOOD  # windows 256, 512, 1024
+
+pytestmark = pytest.mark.unit
 
 LADDER = parse_ladder(GOOD)
 

@@ -11,6 +11,8 @@ from rope_ext.factors import load_ladder
 from rope_ext.models.smollm2 import DEFAULT_LADDER
 from rope_ext.research.search import critical_dimension
 
+pytestmark = pytest.mark.unit
+
 SEARCH = DEFAULT_LADDER.parent / "search"
 
 
@@ -44,7 +46,8 @@ def test_each_long_search_started_from_the_baselines_projected_into_its_space(st
     assert summary["space"]["mode"] == "v2" and summary["arguments"]["fitness"] == "ppl"
     # PI, NTK and YaRN project onto one genome there (critical dims at s, NTK's ramp below): logged once, as pi
     (seed,) = [e for e in log if e["origin"] in ("pi", "ntk", "yarn")]
-    assert seed["iteration"] == 0 and min(seed["factors"][summary["space"]["critical"]:]) == summary["space"]["bounds"][0]
+    critical = summary["space"]["critical"]
+    assert seed["iteration"] == 0 and min(seed["factors"][critical:]) == summary["space"]["bounds"][0]
 
 
 def test_long_sets_stretch_every_dimension_that_never_turned_a_full_period():

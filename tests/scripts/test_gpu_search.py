@@ -6,7 +6,7 @@ first, the preflight, every window searched in order with `--search-scale --dtyp
 and $OUT holding one archive of every result plus the log. The tiny random model stands in
 for SmolLM2 (LONGROPE_GPU_MODEL, so no preparing), a few random bytes for the GGUF, and a
 wheel built here for the carried ones (pack.sh downloads the real ones, which needs the
-network). Preparing from an explicit GGUF is tests/rope_ext/test_model_files.py's.
+network). Preparing from an explicit GGUF is tests/rope_ext/models/test_smollm2.py's.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import pytest
 
 from rope_ext.factors import load_ladder
 from rope_ext.models.tiny import TINY_MAX_LEN, TINY_W0
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
 WINDOWS = (2 * TINY_W0, TINY_MAX_LEN)
 TINY_SEARCH = "--population 4 --iterations 1 --parents 2 --mutations 1 --crossovers 1"
 MARGIN = 2.25  # the first window's least critical λ, as the shipped 16k set's; the second stays at s

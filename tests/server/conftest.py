@@ -1,81 +1,12 @@
-"""Real `longrope serve` processes on loopback, started once per session."""
+"""Real `longrope serve` processes on loopback, started once per session (helpers in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
 import pytest
-import yaml
 
-from server.launch import ServerDidNotStart, ServerProcess, longrope_serve
-from server.probe import free_port, wait_until_ok
+from tests.helpers import start_server, stop_server
 
-REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-1"
-
-
-def start_server(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 400) -> ServerProcess:
-    """A healthy `longrope serve` on loopback (a 2 GiB CPU KV cache unless ``env`` says otherwise)."""
-    server = longrope_serve(args, log, {"VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}, cwd=REPO,
-                            start_timeout=timeout)
-    try:
-        return server.start()
-    except ServerDidNotStart as exc:
-        raise AssertionError(str(exc)) from None
-
-
-def stop_server(server: ServerProcess) -> None:
-    server.stop()
-
-
-def prometheus_config(name: str, target: str, workdir: Path, key: str | None = None) -> Path:
-    """deploy/prometheus/NAME with its one job scraping ``target`` every second (its key file in ``workdir``)."""
-    config = yaml.safe_load((REPO / "deploy" / "prometheus" / name).read_text())
-    (job,) = config["scrape_configs"]
-    job["scrape_interval"] = "1s"
-    job["static_configs"][0]["targets"] = [target]
-    if "authorization" in job:
-        assert key is not None, f"{name} sends an API key: give one"
-        key_file = workdir / "api-key"
-        key_file.write_text(key)
-        job["authorization"]["credentials_file"] = str(key_file)
-    path = workdir / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@contextmanager
-def prometheus(config: Path, workdir: Path) -> Iterator[str]:
-    """Debian's prometheus (installed by scripts/test.sh) on loopback with ``config``; yields its base URL."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus is not installed; scripts/test.sh installs Debian's package"
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=(workdir / "log").open("w"), stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until_ok(f"{base}/-/ready", proc, timeout=60, interval=0.5), (workdir / "log").read_text()
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def prom_query(base: str, expr: str) -> float:
-    """The value of a PromQL expression with one result (0 when it has none)."""
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    result = json.load(urllib.request.urlopen(url, timeout=10))["data"]["result"]
-    return float(result[0]["value"][1]) if result else 0.0
 
 
 @pytest.fixture(scope="session")

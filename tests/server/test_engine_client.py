@@ -95,7 +95,8 @@ class FakeEngine:
                     piece = tokens if params.output_kind is RequestOutputKind.FINAL_ONLY else [token]
                     completion = CompletionOutput(index, "".join(map(letter, piece)), piece, None, None,
                                                   finish_reason="length" if last else None)
-                    prompt_logprobs = ["prompt logprobs"] if params.prompt_logprobs is not None and not reported else None
+                    wanted = params.prompt_logprobs is not None and not reported
+                    prompt_logprobs = ["prompt logprobs"] if wanted else None
                     reported = True
                     yield RequestOutput(call.request_id, None, call.prompt, prompt_logprobs, [completion],
                                         finished=last and index == params.n - 1)

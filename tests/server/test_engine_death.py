@@ -16,7 +16,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.server.conftest import prom_query, prometheus, prometheus_config, start_server, stop_server
+from tests.helpers import prom_query, prometheus, prometheus_config, start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 KEY = "death-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -72,15 +74,17 @@ def kill_mid_stream(server, process_name: str) -> None:
     victim = engine_process(server, process_name)
     victim.send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    time.sleep(0.5)  # the kernel ends the process and vLLM's monitor thread notices it: milliseconds
 
-    health = []  # /health from then until the process is gone: 503, never 200
+    # /health from the kill until the process is gone. vLLM notices the death within milliseconds; a worker's
+    # death can take the whole server down before the first probe, so an empty list is an answer too.
+    health: list[tuple[float, int]] = []
     while server.proc.poll() is None and time.monotonic() - killed < 30:
+        sent = time.monotonic() - killed
         try:
-            health.append(httpx.get(f"{server.base}/health", timeout=2).status_code)
+            health.append((sent, httpx.get(f"{server.base}/health", timeout=2).status_code))
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.1)
     code = server.proc.wait(timeout=max(30 - (time.monotonic() - killed), 1))
     exited_after = time.monotonic() - killed
 
@@ -92,7 +96,10 @@ def kill_mid_stream(server, process_name: str) -> None:
         for error in errors:
             assert set(error) == {"message", "type", "param", "code"} and isinstance(error["code"], str)
         assert all(line.startswith("data: ") for line in stream.lines)
-    assert health and set(health) == {503}, f"/health after the kill answered {health}"
+    late_ok = [(sent, status) for sent, status in health if status != 503 and sent > 0.5]
+    assert not late_ok, f"/health answered other than 503 after the engine died: {health}"
+    assert any(status == 503 for _, status in health) or exited_after < 2, \
+        f"/health never answered 503 in the {exited_after:.1f} s before the server exited: {health}"
     assert code == 1, f"exit status {code} after the engine died"
     assert exited_after < 30
     assert "error: the engine died: " in server.log_text()

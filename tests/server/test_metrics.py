@@ -16,7 +16,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import REPO, prom_query, prometheus, prometheus_config
+from tests.helpers import REPO, prom_query, prometheus, prometheus_config
+
+pytestmark = pytest.mark.server
 
 DEPLOY = REPO / "deploy"
 MODEL = "tiny"

@@ -15,6 +15,8 @@ from transformers import AutoTokenizer
 
 from tests.server.conftest import API_KEY
 
+pytestmark = pytest.mark.server
+
 MODEL = "smollm2"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -71,15 +73,25 @@ def test_stream_equals_non_stream_and_ends_with_usage(client):
 
 
 def test_raw_sse_framing(smollm2_server):
+    """The bytes on the wire: one `data:` line per event, events apart by a blank line, chat.completion.chunk
+    objects of one id whose deltas add up to the answer, the finish reason on the last, then `data: [DONE]`."""
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 5, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{smollm2_server.v1}/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        lines = [line for line in response.iter_lines() if line]
-    assert all(line.startswith("data: ") for line in lines)
-    assert lines[-1] == "data: [DONE]"
-    for line in lines[:-1]:
-        json.loads(line[6:])
+        raw = response.read().decode()
+    assert raw.endswith("\n\ndata: [DONE]\n\n") and not raw.startswith("\n")
+    events = raw.removesuffix("\n\n").split("\n\n")
+    assert all(event.startswith("data: ") and "\n" not in event for event in events), events
+    chunks = [json.loads(event[6:]) for event in events[:-1]]
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    choices = [chunk["choices"][0] for chunk in chunks if chunk["choices"]]
+    assert choices[0]["delta"]["role"] == "assistant"
+    assert [c["finish_reason"] for c in choices].count(None) == len(choices) - 1 and choices[-1]["finish_reason"]
+    reply = httpx.post(f"{smollm2_server.v1}/chat/completions", json={**body, "stream": False},
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60).json()
+    assert "".join(c["delta"].get("content") or "" for c in choices) == reply["choices"][0]["message"]["content"]
 
 
 def test_async_client_stream_and_not(make_aclient):
@@ -204,8 +216,8 @@ def test_sdk_parse_reply_goes_back_next_turn_with_metadata_and_store(client):
 
 def test_echo_prompt_logprobs_equal_the_reference(client, tokenizer, smollm2_dir):
     """What lm-eval-harness sends to score loglikelihood: a list of prompts, echo, logprobs 1."""
-    from rope_ext.models.smollm2 import DEFAULT_LADDER
     from rope_ext.factors import load_ladder
+    from rope_ext.models.smollm2 import DEFAULT_LADDER
     from rope_ext.selftest.reference import LOGPROB_TOLERANCE, ReferenceModel
 
     prompts = ["The capital of France is Paris, and the capital of Italy is Rome.",
@@ -382,17 +394,22 @@ def test_disconnect_mid_stream_aborts_the_engine_request(smollm2_server):
         time.sleep(0.5)
 
 
-def test_32_concurrent_streams_complete(make_aclient):
-    async def one(aclient, i: int) -> tuple[str, str | None]:
-        stream = await aclient.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Say a number above {i}."}], max_tokens=8,
-            temperature=0, stream=True)
-        text, finish = "", None
+def test_32_concurrent_streams_complete(client, make_aclient):
+    """32 streams at once each give the greedy answer its prompt gets alone, token for token up to the first
+    step whose two best tokens lie within 1e-3 nats (where batching may flip a tie), and finish."""
+    def prompt(i: int) -> list[dict]:
+        return [{"role": "user", "content": f"Say a number above {i}."}]
+
+    async def one(aclient, i: int) -> tuple[list[str], str | None]:
+        stream = await aclient.chat.completions.create(model=MODEL, messages=prompt(i), max_tokens=8, temperature=0,
+                                                       stream=True, logprobs=True)
+        tokens, finish = [], None
         async for chunk in stream:
             if chunk.choices:
-                text += chunk.choices[0].delta.content or ""
-                finish = chunk.choices[0].finish_reason or finish
-        return text, finish
+                choice = chunk.choices[0]
+                tokens += [t.token for t in choice.logprobs.content or []] if choice.logprobs else []
+                finish = choice.finish_reason or finish
+        return tokens, finish
 
     async def run():
         aclient = make_aclient()
@@ -400,4 +417,14 @@ def test_32_concurrent_streams_complete(make_aclient):
 
     results = asyncio.run(run())
     assert len(results) == 32
-    assert all(text and finish in ("stop", "length") for text, finish in results)
+    for i, (tokens, finish) in enumerate(results):
+        assert finish in ("stop", "length") and tokens, (i, finish, tokens)
+        alone = client.chat.completions.create(model=MODEL, messages=prompt(i), max_tokens=8, temperature=0,
+                                               logprobs=True, top_logprobs=2).choices[0].logprobs.content
+        for step, (streamed, expected) in enumerate(zip(tokens, alone)):
+            best, second = (t.logprob for t in expected.top_logprobs[:2])
+            if best - second < 1e-3:
+                break
+            assert streamed == expected.token, f"prompt {i}, step {step}: {streamed!r} != {expected.token!r}"
+        else:
+            assert len(tokens) == len(alone), (i, tokens, [t.token for t in alone])

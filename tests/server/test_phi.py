@@ -27,7 +27,7 @@ from rope_ext.models.tiny import TINY_MAX_LEN, TINY_W0, build_tiny_phi3
 from rope_ext.selftest.reference import ReferenceModel, assert_greedy_matches
 from rope_ext.vllm_plugin.model_ladder import ladder_from_config
 from server.launch import vllm_serve
-from tests.server.conftest import REPO, start_server, stop_server
+from tests.helpers import REPO, start_server, stop_server
 
 pytestmark = pytest.mark.server
 

@@ -18,8 +18,10 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.server.conftest import start_server, stop_server
 from rope_ext.selftest.reference import LOGPROB_TOLERANCE, assert_greedy_matches
+from tests.helpers import start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 PROMPT_LEN, MAX_TOKENS, SWITCH_AT = 240, 40, 256
 

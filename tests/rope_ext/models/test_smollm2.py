@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -12,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from longrope.cli import main
 from rope_ext.factors import load_ladder
 from rope_ext.models.smollm2 import default_model_dir, gguf_path, prepare_model
+
+pytestmark = pytest.mark.slow
 
 
 def test_prepared_model_answers_paris(smollm2_dir):
@@ -64,7 +67,8 @@ def test_missing_package_explains_what_to_install(tmp_path):
 
 def test_baseline_command_makes_two_step_ladder_for_the_model(smollm2_dir, tmp_path):
     out = tmp_path / "yarn.json"
-    assert main(["factors", "baseline", "--method", "yarn", "--model", str(smollm2_dir), "--window", "16384", "-o", str(out)]) == 0
+    assert main(["factors", "baseline", "--method", "yarn", "--model", str(smollm2_dir), "--window", "16384",
+                 "-o", str(out)]) == 0
     ladder = load_ladder(out)
     assert [fs.window for fs in ladder.sets] == [8192, 16384]
     assert ladder.model.rotary_dim == 64 and ladder.model.rope_theta == 100000.0

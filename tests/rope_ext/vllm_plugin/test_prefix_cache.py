@@ -1,7 +1,11 @@
 """DESIGN.md rule 4: prefix caching stays on, and no block computed under one set serves another."""
 
-from tests.vllm_plugin.test_mixed_batch import assert_matches, expected_for
+import pytest
+
 from rope_ext.selftest.workload import PREFIX_TOKENS
+from tests.helpers import assert_matches, expected_for
+
+pytestmark = pytest.mark.engine
 
 
 def test_shared_prefix_hits_only_within_its_set(plugin_engine, tiny_model, tiny_reference):

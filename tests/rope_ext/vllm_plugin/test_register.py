@@ -7,16 +7,17 @@ import sys
 import pytest
 import torch
 
-from rope_ext.factors import load_ladder, save_ladder
-from rope_ext.vllm_plugin.model_ladder import LadderMismatch, check_fits, ladder_for_model
 from rope_ext.environment import plugin_enabled
+from rope_ext.factors import load_ladder, save_ladder
 from rope_ext.selection import engine_set
+from rope_ext.selftest.engine_run import EngineRunFailed, run_in_process
+from rope_ext.vllm_plugin.model_ladder import LadderMismatch, check_fits, ladder_for_model
 from rope_ext.vllm_plugin.register import UnsupportedVllm, check_vllm_version
 from rope_ext.vllm_plugin.request_sets import salt_for
-from rope_ext.selftest.engine_run import EngineRunFailed, run_in_process
-from tests.vllm_plugin.conftest import REPO
+from tests.helpers import REPO
 
 
+@pytest.mark.unit
 def test_version_check_names_both_versions():
     check_vllm_version("0.32.0")
     check_vllm_version("0.32.0+cpu")
@@ -24,6 +25,7 @@ def test_version_check_names_both_versions():
         check_vllm_version("0.31.1")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value,enabled", [(None, True), ("1", True), ("0", False), ("off", False)])
 def test_switch(monkeypatch, value, enabled):
     if value is None:
@@ -33,11 +35,19 @@ def test_switch(monkeypatch, value, enabled):
     assert plugin_enabled() is enabled
 
 
+@pytest.mark.unit
 def test_salt_separates_sets_and_keeps_the_clients():
-    assert salt_for("short", None) != salt_for("long", None)
-    assert salt_for("short", "tenant-a") != salt_for("short", "tenant-b")
+    """Every (set, client salt) pair has its own prefix-cache salt, the same on every call, which keeps the
+    client's salt whole (so tenants stay apart inside one set as they do in stock vLLM)."""
+    pairs = [(name, client) for name in ("short", "mid", "long") for client in (None, "tenant-a", "tenant-b")]
+    salts = [salt_for(name, client) for name, client in pairs]
+    assert len(set(salts)) == len(pairs)
+    assert salts == [salt_for(name, client) for name, client in pairs]
+    assert all(client in salt for (_, client), salt in zip(pairs, salts) if client)
+    assert salt_for("short", "") == salt_for("short", None)  # an empty salt is vLLM's "no salt"
 
 
+@pytest.mark.unit
 def test_engine_rule_is_pinned_else_budget(tiny_model):
     ladder = tiny_model[2]
     assert engine_set(ladder, 100, 10) == 0
@@ -45,6 +55,7 @@ def test_engine_rule_is_pinned_else_budget(tiny_model):
     assert engine_set(ladder, 100, 10, "long") == 2
 
 
+@pytest.mark.unit
 def test_ladder_comes_from_file_else_config(tiny_model, monkeypatch):
     model_dir, factors, ladder = tiny_model
     config = json.loads((model_dir / "config.json").read_text())
@@ -54,6 +65,7 @@ def test_ladder_comes_from_file_else_config(tiny_model, monkeypatch):
     assert ladder_for_model(config) == ladder
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("field,value", [("original_window", 512), ("rotary_dim", 32), ("rope_theta", 500000.0)])
 def test_mismatched_file_is_refused_naming_the_field(tiny_model, field, value):
     model_dir, factors, _ = tiny_model
@@ -71,6 +83,7 @@ def test_mismatched_file_is_refused_naming_the_field(tiny_model, field, value):
         check_fits(parse_ladder(data), config)
 
 
+@pytest.mark.engine
 def test_engine_start_refuses_a_file_for_another_model(tiny_model, tmp_path):
     model_dir, factors, _ = tiny_model
     ladder = load_ladder(factors)
@@ -84,6 +97,7 @@ def test_engine_start_refuses_a_file_for_another_model(tiny_model, tmp_path):
     assert "model.rope_theta is 500000.0, but the served model has rope_theta 10000.0" in str(info.value)
 
 
+@pytest.mark.engine
 def test_engine_start_refuses_another_vllm_version(tiny_model):
     code = (
         "import vllm; vllm.__version__ = '0.31.1'\n"
@@ -95,9 +109,11 @@ def test_engine_start_refuses_another_vllm_version(tiny_model):
     assert "built for vLLM 0.32.0, but vLLM 0.31.1 is installed" in result.stderr
 
 
+@pytest.mark.unit
 def test_every_vllm_internal_the_plugin_uses_is_listed_and_present():
     """One list of vLLM's private names (vllm_internals.py): this vLLM has them all, and every
-    runner method a mixin extends is on it."""
+    runner method a mixin extends and every EngineClient method our engine client overrides is on it."""
+    from vllm.engine.protocol import EngineClient
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from rope_ext.vllm_plugin.cpu_generators import SeededCpuGeneratorsMixin
@@ -109,25 +125,28 @@ def test_every_vllm_internal_the_plugin_uses_is_listed_and_present():
     check_internals()
     check_internals(CLI_INTERNALS)
     check_internals(SERVER_INTERNALS)
-    overridden = {name for name in vars(LadderEngineClient) if not name.startswith("_")
-                  and callable(vars(LadderEngineClient)[name])}
-    assert overridden <= {i.name.removeprefix("EngineClient.") for i in SERVER_INTERNALS}, overridden
+    overridden = {name for name in vars(LadderEngineClient) if hasattr(EngineClient, name)
+                  and not name.startswith("__") and callable(vars(LadderEngineClient)[name])}
+    assert overridden and overridden <= {i.name.removeprefix("EngineClient.") for i in SERVER_INTERNALS}, overridden
     listed = {i.name.removeprefix("GPUModelRunner.") for i in INTERNALS if i.name.startswith("GPUModelRunner.")}
     for mixin in (PerRequestSetsMixin, SeededCpuGeneratorsMixin):
         extended = {name for name in vars(mixin) if callable(vars(mixin)[name]) and hasattr(GPUModelRunner, name)}
         assert extended and extended <= listed, extended - listed
 
 
+@pytest.mark.unit
 def test_a_missing_vllm_internal_is_named():
     from rope_ext.vllm_plugin.vllm_internals import Internal, MissingInternal, check_internals, check_runner_state
 
     moved = Internal("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs_v2", "extends it")
-    with pytest.raises(MissingInternal, match=r"no vllm\.v1\.worker\.gpu_model_runner\.GPUModelRunner\._prepare_inputs_v2"):
+    with pytest.raises(MissingInternal,
+                       match=r"no vllm\.v1\.worker\.gpu_model_runner\.GPUModelRunner\._prepare_inputs_v2"):
         check_internals((moved,))
     with pytest.raises(MissingInternal, match="has no input_batch.req_ids"):
         check_runner_state(object(), ("input_batch.req_ids",))
 
 
+@pytest.mark.engine
 def test_v2_model_runner_stops_the_engine(tiny_model, tmp_path):
     """An explicit VLLM_USE_V2_MODEL_RUNNER=1 beats the plugin's default. On this CPU vLLM itself
     refuses V2 (no Triton CPU backend); on CUDA the plugin's check below stops it."""
@@ -140,6 +159,7 @@ def test_v2_model_runner_stops_the_engine(tiny_model, tmp_path):
             or "Model Runner V2 requires Triton" in str(info.value))
 
 
+@pytest.mark.unit
 def test_the_engine_check_runs_when_vllm_builds_its_input_processor(monkeypatch):
     from vllm.v1.engine.input_processor import InputProcessor
 
@@ -150,6 +170,7 @@ def test_the_engine_check_runs_when_vllm_builds_its_input_processor(monkeypatch)
     assert getattr(InputProcessor.__init__, "__longrope__", False)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mrope,multimodal,v2,message", [
     (True, False, False, "multimodal or uses M-RoPE"),
     (False, True, False, "multimodal or uses M-RoPE"),
@@ -190,6 +211,7 @@ def vllm_context():
         yield
 
 
+@pytest.mark.unit
 def test_rotary_modules_that_differ_are_refused(tiny_model, vllm_context):
     """Local and global RoPE bases in one model: one ladder cannot replace both."""
     from rope_ext.vllm_plugin.runner import swap_rotary
@@ -203,6 +225,7 @@ def test_rotary_modules_that_differ_are_refused(tiny_model, vllm_context):
         swap_rotary(differ, ladder, 1024, torch.float32)
 
 
+@pytest.mark.unit
 def test_only_the_language_models_rotary_modules_are_swapped(tiny_model, vllm_context):
     from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 

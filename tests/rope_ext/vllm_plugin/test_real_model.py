@@ -8,10 +8,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from longrope.cli import main
-from rope_ext.research.corpus import BOOKS_DIR, book_text
 from rope_ext.factors import load_ladder
+from rope_ext.research.corpus import BOOKS_DIR, book_text
 from rope_ext.selftest.engine_run import run_in_process
 from rope_ext.selftest.reference import ReferenceModel, assert_greedy_matches
+
+pytestmark = pytest.mark.engine
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER_TOKENS = 16

@@ -17,6 +17,8 @@ from rope_ext.selftest.engine_run import run_in_process
 from rope_ext.selftest.run import compare_results, expected_set
 from rope_ext.selftest.workload import ENGINE, engine_spec
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.mark.parametrize("name,parallel", [
     ("tp2-eager", {"tensor_parallel_size": 2, "enforce_eager": True}),

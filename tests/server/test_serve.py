@@ -7,15 +7,19 @@ import subprocess
 import sys
 
 import openai
+import pytest
 
 from rope_ext.models.smollm2 import default_model_dir
 from server.launch import PORT, ServerProcess
-from tests.server.conftest import REPO
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.server
 
 
 def serve(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "longrope", "serve", "--port", "0", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
 def test_no_flags_serves_the_default_model_in_float32(tmp_path):

@@ -12,11 +12,12 @@ import math
 import pytest
 import torch
 
-from rope_ext.baselines import plain_set
 from longrope.cli import main
+from rope_ext.baselines import plain_set
+from rope_ext.factors import default_attention_scale, load_ladder
+from rope_ext.models.tiny import TINY_MAX_LEN, TINY_W0
 from rope_ext.research.corpus import BOOKS_DIR
 from rope_ext.research.evaluation import Measurements, load_model, method_sets, passkey_report, perplexity_report
-from rope_ext.factors import default_attention_scale, load_ladder
 from rope_ext.research.jsonl_rows import read_rows
 from rope_ext.research.passkey import (
     last_tokens,
@@ -28,7 +29,8 @@ from rope_ext.research.passkey import (
     wilson_interval,
 )
 from rope_ext.research.perplexity import Sample, documents, perplexity, sliding_perplexity
-from rope_ext.models.tiny import TINY_MAX_LEN, TINY_W0
+
+pytestmark = pytest.mark.slow
 
 BOOK = BOOKS_DIR / "moby-dick.txt"
 

@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rope_ext.selftest.run import compare_results
 from rope_ext.selftest.workload import mixed_batch
-from tests.vllm_plugin.conftest import REPO
+from tests.helpers import REPO
 
 
+@pytest.mark.engine
 def test_selftest_passes_on_this_machine(tiny_model, tmp_path):
     """The tiny three-set batch (compiled and eager), then --model with a short and a long request."""
     model_dir, factors, _ = tiny_model
@@ -29,6 +32,7 @@ def test_selftest_passes_on_this_machine(tiny_model, tmp_path):
     assert "selftest passed" in result.stdout
 
 
+@pytest.mark.unit
 def test_a_request_rotated_with_another_set_fails_its_row(tiny_model, tiny_reference):
     """The table can fail: short requests whose engine output is the long set's get pass = no."""
     ladder = tiny_model[2]

@@ -20,6 +20,8 @@ from rope_ext.research.search import (
     seed_genomes,
 )
 
+pytestmark = pytest.mark.unit
+
 SMOL = ModelInfo(name="smol", rope_theta=1e5, rotary_dim=64, original_window=8192)
 
 
@@ -113,8 +115,8 @@ def test_cli_defaults_come_from_the_search_config_and_the_baseline_registry():
     --method` offers exactly the baselines registry (one definition each, nothing typed twice)."""
     from dataclasses import asdict
 
-    from rope_ext.baselines import METHODS
     from longrope.cli import build_parser
+    from rope_ext.baselines import METHODS
     from rope_ext.research.search import SearchConfig
 
     parser = build_parser()

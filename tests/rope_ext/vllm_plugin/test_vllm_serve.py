@@ -14,9 +14,11 @@ import openai
 import pytest
 
 from rope_ext.hf_config import ladder_from_hf
-from server.probe import free_port, wait_until_ok
-from tests.vllm_plugin.conftest import REPO
 from rope_ext.selftest.reference import LOGPROB_TOLERANCE, ReferenceModel, assert_greedy_matches
+from server.probe import free_port, wait_until_ok
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,8 @@ def vllm_server(tiny_model, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("LONGROPE_FACTORS", "LONGROPE_PLUGIN")}
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rope_ext.vllm_cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        [sys.executable, "-m", "rope_ext.vllm_cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+         "--dtype", "float32",
          "--max-model-len", "1024", "--enforce-eager", "--seed", "0", "--served-model-name", "tiny"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
     )

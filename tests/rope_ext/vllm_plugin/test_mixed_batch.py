@@ -11,20 +11,11 @@ Then the same batch on stock vLLM (plugin off) gives the short requests other re
 import pytest
 
 from rope_ext.selftest.engine_run import run_in_process
-from rope_ext.selftest.reference import LOGPROB_TOLERANCE, assert_greedy_matches
-from rope_ext.selftest.run import expected_set
+from rope_ext.selftest.reference import LOGPROB_TOLERANCE
 from rope_ext.selftest.workload import ENGINE, mixed_batch
+from tests.helpers import assert_matches, expected_for
 
-
-def expected_for(ladder, reference, req):
-    name = expected_set(ladder, req)
-    return name, reference.run(req["prompt_token_ids"], req["max_tokens"], name)
-
-
-def assert_matches(got, ref, where, prompt_logprobs=True):
-    """An engine_run result against its reference (see reference.assert_greedy_matches)."""
-    assert_greedy_matches(ref, got["tokens"], got["token_logprobs"], where,
-                          got["prompt_logprobs"] if prompt_logprobs else None)
+pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")

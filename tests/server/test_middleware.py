@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
@@ -19,6 +20,8 @@ from server.choice_runs import ChoiceRun, Promotion, current_choices
 from server.metrics import ServerMetrics
 from server.middleware import LongRopeMiddleware
 from server.openai_errors import openai_error
+
+pytestmark = pytest.mark.unit
 
 LIMIT = 1000
 
@@ -87,7 +90,8 @@ def test_request_id_is_kept_or_made_and_passed_to_the_app():
 
 def test_top_level_rope_set_becomes_vllm_xargs():
     with client() as c:
-        seen = c.post("/v1/completions", json={"prompt": "x", "rope_set": "long", "vllm_xargs": {"a": 1}}).json()["seen"]
+        body = {"prompt": "x", "rope_set": "long", "vllm_xargs": {"a": 1}}
+        seen = c.post("/v1/completions", json=body).json()["seen"]
     assert "rope_set" not in seen and seen["vllm_xargs"] == {"a": 1, "rope_set": "long"}
 
 
@@ -103,7 +107,8 @@ def test_headers_and_choice_fields_name_the_set():
         response = c.post("/v1/completions", json={"prompt": "x"})
     assert response.headers["x-rope-set"] == "mid" and response.headers["x-rope-promotions"] == "short->mid@256"
     choice = response.json()["choices"][0]
-    assert choice["rope_set"] == "mid" and choice["rope_promotions"] == [{"from": "short", "to": "mid", "at_tokens": 256}]
+    assert choice["rope_set"] == "mid"
+    assert choice["rope_promotions"] == [{"from": "short", "to": "mid", "at_tokens": 256}]
     assert int(response.headers["content-length"]) == len(response.content)
 
 

@@ -190,7 +190,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
                                   ("pipeline_parallel_size", args.pipeline_parallel_size)) if v > 1}
     if args.distributed_executor_backend:
         parallel["distributed_executor_backend"] = args.distributed_executor_backend
-    return selftest(args.model, args.workdir, parallel)
+    return selftest(args.model, args.workdir, parallel, args.compare_modes)
 
 
 def _ints(text: str) -> list[int]:
@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-parallel-size", type=int, default=1, help="as vllm serve's, for every engine")
     p.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
                    help="as vllm serve's (ray: the [ray] extra)")
+    p.add_argument("--compare-modes", action="store_true",
+                   help="also run the tiny batch with ngram speculation, and on CUDA with async scheduling off "
+                   "and at decode batch sizes 1, 3, 5, 17 and 33 (padded and unpadded CUDA graphs)")
     p.set_defaults(func=cmd_selftest)
     return parser
 

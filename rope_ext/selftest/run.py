@@ -5,6 +5,9 @@ It builds the tiny three-set model, runs a batch that mixes every set with chunk
 preemption through the plugin engine, compiled and then eager, and compares each request with
 the transformers reference for its set (``reference.compare``). With ``--model`` it does the same
 for one short and one long request on that model. Each engine runs in its own process.
+
+``--compare-modes`` runs the tiny batch under each setting a deployment may flip as well (``modes_for``):
+async scheduling off (CUDA), ngram speculation, and on CUDA a wave per batch size that its graphs pad or not.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from pathlib import Path
 from rope_ext import environment
 from rope_ext.factors import Ladder, save_ladder
 
+# "compiled" is vLLM's defaults: torch.compile, and on CUDA also CUDA graphs and async scheduling.
 MODES = {"compiled": {}, "eager": {"enforce_eager": True}}
+# A model-free drafter: the plugin allows it (engine_checks.py); its drafts are verified with each request's set.
+# It matches down to one token, so the tiny model's decodes (which seldom repeat a pair) still get drafts.
+NGRAM = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                "prompt_lookup_max": 4}}
+# Decode batch sizes checked on CUDA: 1 is captured as it is, 3, 5, 17 and 33 are padded to a captured size.
+CUDA_BATCH_SIZES = (1, 3, 5, 17, 33)
 # The tiny model's groups: every set, chunked prefill (mixed) and preemption (preempting).
 TINY_GROUPS = ("mixed", "preempting")
 
@@ -35,6 +45,7 @@ class Row:
     equal: int = 0
     max_delta: float = 0.0
     problem: str | None = None
+    note: str = ""
 
     @property
     def passed(self) -> bool:
@@ -89,14 +100,23 @@ def model_requests(ladder: Ladder, vocab_size: int) -> list[dict]:
             {"prompt_token_ids": prompt(ladder.sets[0].window + 32), "max_tokens": 4}]
 
 
+def modes_for(device: str, compare_modes: bool) -> dict[str, dict]:
+    """The engine settings of each mode row: compiled and eager; with ``--compare-modes`` also async scheduling
+    off (CUDA only: the CPU runner has none) and ngram speculation."""
+    if not compare_modes:
+        return MODES
+    no_async = {"no-async": {"async_scheduling": False}} if device == "cuda" else {}
+    return {**MODES, **no_async, "ngram": NGRAM}
+
+
 def check(model_dir: Path, factors: Path, ladder: Ladder, spec: dict, label: str, workdir: Path,
-          progress: Progress, parallel: dict) -> list[Row]:
+          progress: Progress, parallel: dict, modes: dict[str, dict]) -> list[Row]:
     """Run ``spec`` through the plugin engine in every mode and compare each request with its reference."""
     from rope_ext.selftest.engine_run import run_in_process
     from rope_ext.selftest.reference import ReferenceModel
 
     outputs = {}
-    for mode, settings in MODES.items():
+    for mode, settings in modes.items():
         progress(f"{label}: {mode} engine, {len(spec['requests'])} requests")
         run_spec = {**spec, "engine": {**spec["engine"], **parallel, **settings}}
         outputs[mode] = run_in_process(run_spec, {environment.FACTORS: str(factors)}, workdir, f"{label}-{mode}")
@@ -104,18 +124,45 @@ def check(model_dir: Path, factors: Path, ladder: Ladder, spec: dict, label: str
     reference = ReferenceModel(model_dir, ladder, spec["engine"]["max_model_len"])
     references = [reference.run(r["prompt_token_ids"], r["max_tokens"], expected_set(ladder, r))
                   for r in spec["requests"]]
-    return [row for mode, out in outputs.items()
-            for row in compare_results(label, mode, ladder, spec["requests"], out["results"], references)]
+    rows = []
+    for mode, out in outputs.items():
+        mode_rows = compare_results(label, mode, ladder, spec["requests"], out["results"], references)
+        if "speculative_config" in modes[mode]:
+            require_drafts(mode_rows, out["metrics"])
+        rows += mode_rows
+    return rows
 
 
-def tiny_check(workdir: Path, progress: Progress, parallel: dict) -> list[Row]:
+def require_drafts(rows: list[Row], metrics: dict) -> None:
+    """A speculation row proves something only if drafts were proposed: then the target model verified several
+    tokens of a request in one forward, under that request's set, and the tokens after them came from it."""
+    drafted = int(metrics.get("vllm:spec_decode_num_draft_tokens", 0))
+    accepted = int(metrics.get("vllm:spec_decode_num_accepted_tokens", 0))
+    for row in rows:
+        row.note = f"{accepted} of {drafted} draft tokens accepted (the engine's, over every set)"
+        if not drafted and row.problem is None:
+            row.problem = "the drafter proposed no draft: nothing was verified"
+
+
+def tiny_check(workdir: Path, progress: Progress, parallel: dict, compare_modes: bool = False) -> list[Row]:
     from rope_ext.models.tiny import build_tiny_model
-    from rope_ext.selftest.workload import ENGINE, engine_spec
+    from rope_ext.selftest.reference import engine_device
+    from rope_ext.selftest.workload import ENGINE, batch_size_waves, engine_spec
 
     progress("building the tiny three-set model")
     model_dir, factors, ladder = build_tiny_model(workdir, None)
-    spec, _ = engine_spec(str(model_dir), {**ENGINE, "skip_tokenizer_init": True}, only=TINY_GROUPS)
-    return check(model_dir, factors, ladder, spec, "tiny", workdir, progress, parallel)
+    engine = {**ENGINE, "skip_tokenizer_init": True}
+    spec, _ = engine_spec(str(model_dir), engine, only=TINY_GROUPS)
+    device = engine_device()
+    rows = check(model_dir, factors, ladder, spec, "tiny", workdir, progress, parallel,
+                 modes_for(device, compare_modes))
+    if compare_modes and device == "cuda":  # vLLM's defaults (CUDA graphs) over batches padded and not
+        sizes = {"batch": [wave for wave in batch_size_waves(CUDA_BATCH_SIZES)]}
+        engine = {k: v for k, v in engine.items() if k != "num_gpu_blocks_override"}
+        spec, _ = engine_spec(str(model_dir), {**engine, "max_num_seqs": max(CUDA_BATCH_SIZES)}, named_waves=sizes)
+        batch_modes = {f"bs{','.join(map(str, CUDA_BATCH_SIZES))}": MODES["compiled"]}
+        rows += check(model_dir, factors, ladder, spec, "tiny", workdir, progress, parallel, batch_modes)
+    return rows
 
 
 def model_check(model_dir: Path, workdir: Path, progress: Progress, parallel: dict) -> list[Row]:
@@ -134,23 +181,25 @@ def model_check(model_dir: Path, workdir: Path, progress: Progress, parallel: di
     engine = {"dtype": "float32", "max_model_len": ladder.sets[-1].window, "max_num_batched_tokens": 2048,
               "enable_prefix_caching": False, "seed": 0, "skip_tokenizer_init": True}
     spec = {"model": str(model_dir), "engine": engine, "requests": model_requests(ladder, config["vocab_size"])}
-    return check(model_dir, factors, ladder, spec, model_dir.name, workdir, progress, parallel)
+    return check(model_dir, factors, ladder, spec, model_dir.name, workdir, progress, parallel, MODES)
 
 
 def print_table(rows: list[Row]) -> None:
-    print(f"{'model':<16} {'mode':<9} {'set':<10} {'requests':>8} {'tokens equal':>13} {'max |Δ logprob|':>16} pass")
+    print(f"{'model':<16} {'mode':<14} {'set':<10} {'requests':>8} {'tokens equal':>13} {'max |Δ logprob|':>16} pass")
     for row in rows:
-        print(f"{row.model[:16]:<16} {row.mode:<9} {row.set_name[:10]:<10} {row.requests:>8} "
+        print(f"{row.model[:16]:<16} {row.mode:<14} {row.set_name[:10]:<10} {row.requests:>8} "
               f"{f'{row.equal}/{row.steps}':>13} {row.max_delta:>16.2e} {'yes' if row.passed else 'NO'}")
     for row in rows:
-        if row.problem:
-            print(f"{row.model} {row.mode} {row.set_name}: {row.problem}")
+        if row.problem or row.note:
+            print(f"{row.model} {row.mode} {row.set_name}: {row.problem or row.note}")
 
 
-def selftest(model_dir: Path | None, workdir: Path | None, parallel: dict | None = None) -> int:
+def selftest(model_dir: Path | None, workdir: Path | None, parallel: dict | None = None,
+             compare_modes: bool = False) -> int:
     """Run the checks, print the table; 0 only when every row passes.
 
     ``parallel``: engine arguments such as tensor_parallel_size, given to every engine.
+    ``compare_modes``: the tiny batch under every mode of ``modes_for`` (and CUDA's batch sizes).
     """
     parallel = parallel or {}
     from rope_ext.selftest.reference import LOGPROB_TOLERANCE, engine_device
@@ -160,7 +209,7 @@ def selftest(model_dir: Path | None, workdir: Path | None, parallel: dict | None
         work = workdir or Path(tmp)
         for part in ("tiny", "model"):
             (work / part).mkdir(parents=True, exist_ok=True)
-        rows = tiny_check(work / "tiny", progress, parallel)
+        rows = tiny_check(work / "tiny", progress, parallel, compare_modes)
         if model_dir is not None:
             rows += model_check(model_dir, work / "model", progress, parallel)
     setup = ", ".join(f"{k} {v}" for k, v in parallel.items())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 
+from rope_ext.models.tiny import TINY_MAX_LEN
+
 ENGINE = {
     "dtype": "float32",
-    "max_model_len": 1024,
+    "max_model_len": TINY_MAX_LEN,
     "max_num_batched_tokens": 128,  # chunked prefill: every prompt over 128 tokens is split
     "max_num_seqs": 8,
     "block_size": 32,
@@ -75,18 +77,30 @@ def seeded_waves() -> list[list[dict]]:
     return [[req], [dict(req)]]
 
 
+def batch_size_waves(sizes: tuple[int, ...]) -> list[list[dict]]:
+    """One wave per size: that many short requests decoding together, their sets pinned in turn (short, mid,
+    long), so each decode step runs a batch of about that size. On CUDA, graphs are captured for some batch
+    sizes only and the rest are padded up to one: the padded slots must read set 0 and leave the others be."""
+    rng = random.Random(5)
+    names = ("short", "mid", "long")
+    return [[{"prompt_token_ids": _prompt(rng, 24), "max_tokens": 24, "rope_set": names[i % len(names)]}
+             for i in range(size)] for size in sizes]
+
+
 def waves() -> dict[str, list[list[dict]]]:
     """Named groups of waves, in the order the engine runs them."""
     return {"prefix": prefix_waves(), "mixed": [mixed_batch()], "preempting": [preempting_batch()],
             "seeded": seeded_waves()}
 
 
-def engine_spec(model_dir: str, engine: dict, only: tuple[str, ...] | None = None) -> tuple[dict, dict[str, list[int]]]:
-    """The engine_run spec for every wave (or the groups named in ``only``), and each group's request indices."""
+def engine_spec(model_dir: str, engine: dict, only: tuple[str, ...] | None = None,
+                named_waves: dict[str, list[list[dict]]] | None = None) -> tuple[dict, dict[str, list[int]]]:
+    """The engine_run spec for every wave of ``named_waves`` (default: ``waves()``; or the groups named in
+    ``only``), and each group's request indices."""
     requests: list[dict] = []
     order: list[list[int]] = []
     groups: dict[str, list[int]] = {}
-    for name, group in waves().items():
+    for name, group in (named_waves or waves()).items():
         if only is not None and name not in only:
             continue
         groups[name] = []

@@ -20,6 +20,10 @@ class UnsupportedEngine(RuntimeError):
     pass
 
 
+# Speculative methods that propose drafts without a model (no rotary of their own): they stay allowed.
+MODEL_FREE_SPECULATION = ("ngram", "ngram_gpu", "suffix")
+
+
 def check_engine(vllm_config: Any) -> None:
     """Raise UnsupportedEngine when this engine cannot rotate each request with its own set."""
     model_config = vllm_config.model_config
@@ -30,6 +34,20 @@ def check_engine(vllm_config: Any) -> None:
             f"longrope plugin: {model_config.model} is multimodal or uses M-RoPE (3-D positions); the plugin shifts "
             "1-D text positions only. Serve it without a ladder (unset LONGROPE_FACTORS and drop the model's "
             "longrope rope_scaling) or switch the plugin off with LONGROPE_PLUGIN=0"
+        )
+    if model_config.use_mla:
+        raise UnsupportedEngine(
+            f"longrope plugin: {model_config.model} uses multi-head latent attention (MLA, DeepSeek-style), whose "
+            "rotary applies its own YaRN mscale; the plugin has not been proven on it. Serve it without a ladder "
+            f"(unset {environment.FACTORS}) or switch the plugin off with {environment.PLUGIN}=0"
+        )
+    speculative = vllm_config.speculative_config
+    if speculative is not None and speculative.method not in MODEL_FREE_SPECULATION:
+        raise UnsupportedEngine(
+            f"longrope plugin: speculative decoding with a draft model (method {speculative.method!r}) is not "
+            "supported: the drafter keeps stock RoPE and would propose every non-default set's drafts with the wrong "
+            f"rotation. Use a model-free method ({', '.join(MODEL_FREE_SPECULATION)}), drop --speculative-config, "
+            f"or switch the plugin off with {environment.PLUGIN}=0"
         )
     if vllm_config.use_v2_model_runner:
         raise UnsupportedEngine(

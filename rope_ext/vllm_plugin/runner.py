@@ -16,7 +16,9 @@ import torch
 from vllm.config import set_current_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+from vllm.model_executor.layers.rotary_embedding.deepseek_scaling_rope import DeepseekScalingRotaryEmbedding
 from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import Phi3LongRoPEScaledRotaryEmbedding
+from vllm.utils.platform_utils import is_pin_memory_available
 
 from rope_ext.factors import Ladder
 from rope_ext.protocol import SET_INDEX_KEY
@@ -27,6 +29,8 @@ from rope_ext.vllm_plugin.vllm_internals import RUNNER_STATE, check_runner_state
 logger = init_logger(__name__)
 
 STOCK_ROTARY = (RotaryEmbeddingBase, Phi3LongRoPEScaledRotaryEmbedding)
+# Rotary classes with a rule of their own that one ladder table does not reproduce (MLA's YaRN mscale).
+REFUSED_ROTARY = (DeepseekScalingRotaryEmbedding,)
 
 
 def language_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,6 +74,13 @@ def swap_rotary(model: torch.nn.Module, ladder: Ladder, rows_per_set: int, dtype
                 places.append((parent, name, child))
     if not places:
         raise LadderMismatch(f"{type(model).__name__} has no rotary embedding that the plugin knows how to replace")
+    for name, module in distinct.values():
+        if isinstance(module, REFUSED_ROTARY):
+            raise LadderMismatch(
+                f"{name} is a {type(module).__name__} (MLA / DeepSeek-style rotary with its own mscale), which the "
+                "plugin has not been proven on. Serve this model without a ladder (unset LONGROPE_FACTORS) or with "
+                "LONGROPE_PLUGIN=0"
+            )
     _check_alike(list(distinct.values()))
     stock = places[0][2]
     if stock.rotary_dim != ladder.model.rotary_dim:
@@ -83,7 +94,44 @@ def swap_rotary(model: torch.nn.Module, ladder: Ladder, rows_per_set: int, dtype
     ).to(device)
     for parent, name, _ in places:
         setattr(parent, name, ladder_rotary)
+    _check_no_stock_table_left(text_model, [module for _, module in distinct.values()])
     return len(places)
+
+
+def _tensors_held(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor ``module`` holds itself: parameters, buffers and plain attributes (also inside lists,
+    tuples and dicts, where model code keeps caches it copied at init)."""
+    found: list[tuple[str, torch.Tensor]] = []
+    for attr, value in vars(module).items():
+        if attr in ("_parameters", "_buffers"):
+            found += [(name, t) for name, t in value.items() if isinstance(t, torch.Tensor)]
+        elif isinstance(value, torch.Tensor):
+            found.append((attr, value))
+        elif isinstance(value, (list, tuple, dict)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            found += [(f"{attr}[{key!r}]", t) for key, t in items if isinstance(t, torch.Tensor)]
+    return found
+
+
+def _check_no_stock_table_left(text_model: torch.nn.Module, stock: list[torch.nn.Module]) -> None:
+    """Refuse a model whose modules still read a stock cos/sin table (any buffer of a replaced module) after the swap.
+
+    Some model code takes the table from its rotary module at init (fused rope paths); those modules
+    would keep rotating every request with the stock table. Checked by storage, not by model name.
+    """
+    tables = {table.untyped_storage().data_ptr() for module in stock for table in module.buffers()}
+    tables.discard(0)  # a tensor without storage (meta device) cannot share it
+    for module_name, module in text_model.named_modules():
+        if isinstance(module, LadderRotaryEmbedding):
+            continue
+        for name, tensor in _tensors_held(module):
+            if tensor.untyped_storage().data_ptr() in tables:
+                where = f"{module_name}.{name}".lstrip(".")
+                raise LadderMismatch(
+                    f"{where} ({type(module).__name__}) still holds the stock rotary cos/sin table after the plugin "
+                    "swapped the rotary modules: that code path would rotate every request with the stock table. "
+                    "Serve this model without a ladder (unset LONGROPE_FACTORS) or with LONGROPE_PLUGIN=0"
+                )
 
 
 class PerRequestSetsMixin:
@@ -104,8 +152,9 @@ class PerRequestSetsMixin:
         self._rope_rows = rows
         size = self.max_num_tokens  # type: ignore[attr-defined]
         device = self.device  # type: ignore[attr-defined]
-        # pinned on CUDA: the per-step copy to the device is asynchronous, pageable memory would stall it
-        self._rope_offsets_cpu = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        # pinned where vLLM says the platform allows it: the per-step copy to the device is then asynchronous
+        pinned = device.type != "cpu" and is_pin_memory_available()
+        self._rope_offsets_cpu = torch.zeros(size, dtype=torch.int64, pin_memory=pinned)
         self._rope_offsets_np = self._rope_offsets_cpu.numpy()
         self._rope_offsets = self._rope_offsets_cpu if device.type == "cpu" else self._rope_offsets_cpu.to(device)
         self._rope_filled = 0
@@ -141,16 +190,20 @@ class PerRequestSetsMixin:
         return result
 
     def _fill_rope_offsets(self, num_scheduled_tokens: np.ndarray) -> None:
+        """The step's offsets: each scheduled token's set start; every slot after them (padding) reads set 0."""
         num_reqs = len(num_scheduled_tokens)
         req_ids = self.input_batch.req_ids[:num_reqs]  # type: ignore[attr-defined]
         starts = np.fromiter((self._rope_set_index(r) for r in req_ids), dtype=np.int64, count=num_reqs)
         total = int(num_scheduled_tokens.sum())
         self._rope_offsets_np[:total] = np.repeat(starts * self._rope_rows, num_scheduled_tokens)
-        touched = max(total, self._rope_filled)
-        self._rope_offsets_np[total:touched] = 0  # padding tokens read set 0
-        self._rope_filled = total
-        if self._rope_offsets is not self._rope_offsets_cpu:
-            self._rope_offsets[:touched].copy_(self._rope_offsets_cpu[:touched], non_blocking=True)
+        if self._rope_offsets is self._rope_offsets_cpu:  # CPU: only this buffer exists, so only what we wrote
+            self._rope_offsets_np[total:max(total, self._rope_filled)] = 0
+            self._rope_filled = total
+            return
+        # A device buffer is zeroed past the step's tokens every step rather than trusted to still hold our
+        # zeros: vLLM's sleep mode (level 2) drops it with the weights and wakes it up uninitialised.
+        self._rope_offsets[:total].copy_(self._rope_offsets_cpu[:total], non_blocking=True)
+        self._rope_offsets[total:].zero_()
 
     def _model_forward(self, input_ids: Any = None, positions: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if self._rope_ladder is None or positions is None:

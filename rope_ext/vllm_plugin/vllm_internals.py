@@ -33,6 +33,10 @@ INTERNALS = (
     Internal("vllm.config", "VllmConfig.use_v2_model_runner", "reads it: the V2 model runner is refused"),
     Internal("vllm.config", "ModelConfig.uses_mrope", "reads it: M-RoPE models are refused"),
     Internal("vllm.config", "ModelConfig.is_multimodal_model", "reads it: multimodal models are refused"),
+    Internal("vllm.config", "ModelConfig.use_mla", "reads it: MLA (DeepSeek-style) models are refused"),
+    Internal("vllm.config", "VllmConfig.speculative_config",
+             "reads it: speculative decoding with a draft model is refused (its drafter keeps stock RoPE)"),
+    Internal("vllm.config", "SpeculativeConfig.method", "reads it: ngram, ngram_gpu and suffix stay allowed"),
     Internal("vllm.v1.engine.input_processor", "InputProcessor.process_inputs",
              "wraps it: each engine request gets its set name and a per-set cache_salt"),
     Internal("vllm.config", "VllmConfig.compute_hash", "wraps it: the compile cache is keyed by the ladder"),
@@ -52,6 +56,10 @@ INTERNALS = (
              "swaps the model's modules of this type"),
     Internal("vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope",
              "Phi3LongRoPEScaledRotaryEmbedding", "swaps the model's modules of this type"),
+    Internal("vllm.model_executor.layers.rotary_embedding.deepseek_scaling_rope", "DeepseekScalingRotaryEmbedding",
+             "refuses models whose rotary modules are of this type (MLA's own mscale)"),
+    Internal("vllm.utils.platform_utils", "is_pin_memory_available",
+             "asks it before pinning the host side of the per-step offsets"),
 )
 
 # Checked by rope_ext.vllm_cli before it runs vLLM's CLI (not at every engine start: importing the

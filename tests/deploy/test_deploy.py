@@ -210,7 +210,7 @@ def test_cpu_serves_float32_unless_a_dtype_is_given():
 def test_selftest_job_runs_the_selftest_on_the_served_model_and_ladder():
     job = yaml.safe_load((KUBE / "selftest" / "job.yaml").read_text())
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["longrope", "selftest", "--model", "/models/model"]
+    assert container["command"] == ["longrope", "selftest", "--compare-modes", "--model", "/models/model"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/models/model" in mounts
     factors = next(e["value"] for e in container["env"] if e["name"] == "LONGROPE_FACTORS")

@@ -1,9 +1,9 @@
-"""The regime rule (DESIGN.md rules 2 and 5) on a three-step ladder."""
+"""The regime rule (docs/design.md, rules 2 and 5) on a three-step ladder."""
 
 import pytest
 
 from rope_ext.factors import parse_ladder
-from rope_ext.selection import ContextLengthExceeded, Policy, UnknownSet, choose_set
+from rope_ext.selection import ContextLengthExceeded, Policy, UnknownSet, choose_set, engine_set
 from tests.helpers import GOOD  # windows 256, 512, 1024
 
 pytestmark = pytest.mark.unit
@@ -44,3 +44,11 @@ def test_pinned_set_too_small_is_refused():
 def test_unknown_pinned_set():
     with pytest.raises(UnknownSet, match="no factor set named 'huge'"):
         choose_set(LADDER, 1, 1, pinned="huge")
+
+
+def test_engine_rule_is_pinned_else_budget(tiny_model):
+    """The plugin's own rule under plain `vllm serve`: the pinned set, else the smallest that holds the budget."""
+    ladder = tiny_model[2]
+    assert engine_set(ladder, 100, 10) == 0
+    assert engine_set(ladder, 100, 200) == 1
+    assert engine_set(ladder, 100, 10, "long") == 2

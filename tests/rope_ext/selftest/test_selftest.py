@@ -1,34 +1,42 @@
 """`longrope selftest`, the operators' proof on their own hardware, run here on CPU."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from rope_ext.selftest.run import compare_results
-from rope_ext.selftest.workload import mixed_batch
+from rope_ext.models.tiny import TINY_W0, build_tiny_phi3
+from rope_ext.selftest.run import MODES, Row, compare_results, modes_for, require_drafts
+from rope_ext.selftest.workload import batch_size_waves, mixed_batch
 from tests.helpers import REPO
 
 
 @pytest.mark.engine
-def test_selftest_passes_on_this_machine(tiny_model, tmp_path):
-    """The tiny three-set batch (compiled and eager), then --model with a short and a long request."""
-    model_dir, factors, _ = tiny_model
+def test_selftest_passes_on_this_machine(smollm2_dir, tmp_path):
+    """--compare-modes: the tiny three-set batch compiled, eager and with ngram speculation (drafts proposed);
+    then --model on a Phi-4-mini shaped model (partial rotary 0.75, its config in transformers v4 layout, as the
+    real one ships) with its own longrope config as the ladder: a short and a long request."""
+    phi = build_tiny_phi3(tmp_path, smollm2_dir, "phi-4-mini-instruct", "v4")
+    env = {k: v for k, v in os.environ.items() if k != "LONGROPE_FACTORS"}
     result = subprocess.run(
-        [Path(sys.executable).with_name("longrope"), "selftest", "--model", str(model_dir), "--workdir", str(tmp_path)],
-        cwd=REPO, env={**os.environ, "LONGROPE_FACTORS": str(factors)},
-        capture_output=True, text=True, timeout=900,
+        [Path(sys.executable).with_name("longrope"), "selftest", "--compare-modes", "--model", str(phi),
+         "--workdir", str(tmp_path / "work")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.endswith((" yes", " NO"))]
     table = {(model, mode, set_name): passed for model, mode, set_name, *_, passed in rows}
-    for mode in ("compiled", "eager"):
+    assert {mode for model, mode, _ in table if model == "tiny"} == {"compiled", "eager", "ngram"}  # no async on CPU
+    for mode in ("compiled", "eager", "ngram"):
         for set_name in ("short", "mid", "long"):
             assert table[("tiny", mode, set_name)] == "yes"
-        # --model: a 32-token request (short) and one of W0 + 32 tokens (the next set, mid)
-        assert table[(model_dir.name, mode, "short")] == table[(model_dir.name, mode, "mid")] == "yes"
+    drafted = re.search(r"^tiny ngram short: (\d+) of (\d+) draft tokens accepted", result.stdout, re.M)
+    assert drafted and int(drafted.group(2)) > 0, result.stdout
+    for mode in ("compiled", "eager"):  # the Phi model's own pair: a 32-token request and one of W0 + 32 tokens
+        assert table[(phi.name[:16], mode, "short")] == table[(phi.name[:16], mode, "long")] == "yes"
     assert "selftest passed" in result.stdout
 
 
@@ -36,7 +44,8 @@ def test_selftest_passes_on_this_machine(tiny_model, tmp_path):
 def test_a_request_rotated_with_another_set_fails_its_row(tiny_model, tiny_reference):
     """The table can fail: short requests whose engine output is the long set's get pass = no."""
     ladder = tiny_model[2]
-    requests = [r for r in mixed_batch() if len(r["prompt_token_ids"]) + r["max_tokens"] <= 256 and "rope_set" not in r]
+    requests = [r for r in mixed_batch()
+                if len(r["prompt_token_ids"]) + r["max_tokens"] <= TINY_W0 and "rope_set" not in r]
     expected = [tiny_reference.run(r["prompt_token_ids"], r["max_tokens"], "short") for r in requests]
     wrong = [tiny_reference.run(r["prompt_token_ids"], r["max_tokens"], "long") for r in requests]
     results = [{"tokens": w.tokens, "token_logprobs": w.token_logprobs, "prompt_logprobs": w.prompt_logprobs}
@@ -47,3 +56,32 @@ def test_a_request_rotated_with_another_set_fails_its_row(tiny_model, tiny_refer
     same = [{"tokens": e.tokens, "token_logprobs": e.token_logprobs, "prompt_logprobs": e.prompt_logprobs}
             for e in expected]
     assert all(row.passed for row in compare_results("tiny", "eager", ladder, requests, same, expected))
+
+
+@pytest.mark.unit
+def test_compare_modes_add_what_the_device_has():
+    """Async scheduling exists on CUDA only; ngram speculation everywhere; without the flag, compiled and eager."""
+    assert modes_for("cpu", False) == modes_for("cuda", False) == MODES == {"compiled": {},
+                                                                           "eager": {"enforce_eager": True}}
+    assert list(modes_for("cpu", True)) == ["compiled", "eager", "ngram"]
+    assert list(modes_for("cuda", True)) == ["compiled", "eager", "no-async", "ngram"]
+    assert modes_for("cuda", True)["no-async"] == {"async_scheduling": False}
+    assert modes_for("cpu", True)["ngram"]["speculative_config"]["method"] == "ngram"
+
+
+@pytest.mark.unit
+def test_batch_size_waves_decode_together_in_every_set():
+    waves = batch_size_waves((1, 3, 5, 17, 33))
+    assert [len(wave) for wave in waves] == [1, 3, 5, 17, 33]
+    assert [r["rope_set"] for r in waves[2]] == ["short", "mid", "long", "short", "mid"]
+    assert all(len(r["prompt_token_ids"]) + r["max_tokens"] <= TINY_W0 for wave in waves for r in wave)
+
+
+@pytest.mark.unit
+def test_a_speculation_row_fails_when_no_draft_was_proposed():
+    idle = [Row("tiny", "ngram", "short", requests=2)]
+    require_drafts(idle, {"vllm:spec_decode_num_draft_tokens": 0, "vllm:spec_decode_num_accepted_tokens": 0})
+    assert not idle[0].passed and "proposed no draft" in idle[0].problem
+    busy = [Row("tiny", "ngram", "short", requests=2)]
+    require_drafts(busy, {"vllm:spec_decode_num_draft_tokens": 6, "vllm:spec_decode_num_accepted_tokens": 2})
+    assert busy[0].passed and busy[0].note.startswith("2 of 6 draft tokens accepted")

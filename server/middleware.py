@@ -24,7 +24,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rope_ext.protocol import Refusal, refusals
+from rope_ext.protocol import ROPE_SET_KEY, Refusal, refusals
 from server.api_keys import MESSAGE as API_KEY_MESSAGE
 from server.api_keys import ApiKeyGuard
 from server.choice_runs import ChoiceRun, current_choices
@@ -136,17 +136,17 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 
 def _rope_set_into_xargs(body: bytes) -> bytes:
     """``{"rope_set": X}`` -> ``{"vllm_xargs": {"rope_set": X}}``; other bodies untouched (no parse)."""
-    if b'"rope_set"' not in body:
+    if f'"{ROPE_SET_KEY}"'.encode() not in body:
         return body
     try:
         payload = json.loads(body)
     except ValueError:
         return body  # vLLM reports the malformed JSON
-    if not isinstance(payload, dict) or "rope_set" not in payload:
+    if not isinstance(payload, dict) or ROPE_SET_KEY not in payload:
         return body
     xargs = payload.get("vllm_xargs") or {}
     if isinstance(xargs, dict):
-        payload["vllm_xargs"] = {**xargs, "rope_set": payload.pop("rope_set")}
+        payload["vllm_xargs"] = {**xargs, ROPE_SET_KEY: payload.pop(ROPE_SET_KEY)}
     return json.dumps(payload, separators=(",", ":")).encode()
 
 

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import httpx
 
+from rope_ext.models.tiny import TINY_MAX_LEN
 from server.launch import longrope_serve
 
 HERE = Path(__file__).resolve().parent
 NAME = "tiny"
-ENGINE = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-model-len", "1024"]
+ENGINE = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-model-len", str(TINY_MAX_LEN)]
 
 
 def rss_mb(pid: int) -> float:

@@ -29,7 +29,7 @@ def test_good_ladder_loads_and_fills_default_attention_scale():
 
 def test_default_attention_scale_is_one_at_or_below_w0():
     assert default_attention_scale(8192, 8192) == 1.0
-    assert default_attention_scale(16384, 8192) == pytest.approx(1.0377, abs=1e-4)  # DESIGN.md quotes it as 1.037
+    assert default_attention_scale(16384, 8192) == pytest.approx(1.0377, abs=1e-4)  # docs/design.md quotes it as 1.037
 
 
 REFUSALS = {

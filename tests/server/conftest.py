@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rope_ext.models.tiny import TINY_MAX_LEN
 from tests.helpers import start_server, stop_server
 
 API_KEY = "test-key-1"
@@ -31,7 +32,7 @@ def tiny_server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "tiny.log"
     server = start_server(
         ["--model", str(model_dir), "--factors", str(factors), "--served-model-name", "tiny", "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", "1024", "--seed", "0", "--shutdown-timeout", "60"],
+         "--enforce-eager", "--max-model-len", str(TINY_MAX_LEN), "--seed", "0", "--shutdown-timeout", "60"],
         log, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     yield server

@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from rope_ext.models.tiny import TINY_MAX_LEN
 from tests.helpers import prom_query, prometheus, prometheus_config, start_server, stop_server
 
 pytestmark = pytest.mark.server
@@ -28,7 +29,8 @@ STREAMS = 4
 def keyed_tiny_server(tiny_model, log, *extra: str):
     model_dir, factors, _ = tiny_model
     return start_server(["--model", str(model_dir), "--factors", str(factors), "--served-model-name", "tiny",
-                         "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--api-key", KEY, *extra],
+                         "--dtype", "float32", "--enforce-eager", "--max-model-len", str(TINY_MAX_LEN),
+                         "--api-key", KEY, *extra],
                         log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 

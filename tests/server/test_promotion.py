@@ -1,4 +1,4 @@
-"""DESIGN.md rule 3 through the server: a request that reaches its set's window moves up the ladder.
+"""docs/design.md, rule 3 through the server: a request that reaches its set's window moves up the ladder.
 
 Tiny Llama, W0 = 256, three sets (256 / 512 / 1024), policy dynamic. A 240-token prompt with
 max_tokens 40 starts in 'short', is capped at 16 tokens there, then prompt + those 16 are
@@ -18,12 +18,13 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from rope_ext.models.tiny import TINY_MAX_LEN, TINY_W0
 from rope_ext.selftest.reference import LOGPROB_TOLERANCE, assert_greedy_matches
 from tests.helpers import start_server, stop_server
 
 pytestmark = pytest.mark.server
 
-PROMPT_LEN, MAX_TOKENS, SWITCH_AT = 240, 40, 256
+PROMPT_LEN, MAX_TOKENS, SWITCH_AT = 240, 40, TINY_W0
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_sigterm_drains_running_requests(tiny_model, tmp_path):
     model_dir, factors, _ = tiny_model
     server = start_server(
         ["--model", str(model_dir), "--factors", str(factors), "--served-model-name", "tiny", "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", "1024", "--shutdown-timeout", "120"],
+         "--enforce-eager", "--max-model-len", str(TINY_MAX_LEN), "--shutdown-timeout", "120"],
         tmp_path / "drain.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     try:

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from rope_ext.models.smollm2 import default_model_dir
+from rope_ext.models.tiny import TINY_MAX_LEN
 from server.launch import PORT, ServerProcess
 from tests.helpers import REPO
 
@@ -39,7 +40,7 @@ def test_no_flags_serves_the_default_model_in_float32(tmp_path):
 
 def test_a_mistyped_flag_exits_2_before_anything_starts(tiny_model):
     model_dir, factors, _ = tiny_model
-    result = serve(["--model", str(model_dir), "--factors", str(factors), "--max-model-length", "1024"], 60)
+    result = serve(["--model", str(model_dir), "--factors", str(factors), "--max-model-length", str(TINY_MAX_LEN)], 60)
     assert result.returncode == 2
     assert "unrecognized arguments: --max-model-length" in result.stderr
 
@@ -59,7 +60,7 @@ def test_an_engine_that_cannot_start_exits_1(tiny_model):
     """Two KV-cache blocks cannot hold one 1024-token request: vLLM's engine core dies at start."""
     model_dir, factors, _ = tiny_model
     result = serve(["--model", str(model_dir), "--factors", str(factors), "--enforce-eager",
-                    "--max-model-len", "1024", "--num-gpu-blocks-override", "2"], 60)
+                    "--max-model-len", str(TINY_MAX_LEN), "--num-gpu-blocks-override", "2"], 60)
     assert result.returncode == 1
     assert "larger than the available KV cache memory" in result.stderr
     assert "error: the engine failed to start: Engine core initialization failed" in result.stderr

@@ -1,4 +1,4 @@
-"""DESIGN.md rule 1 on the real engine: one batch, several sets, each request as if alone.
+"""docs/design.md, rule 1 on the real engine: one batch, several sets, each request as if alone.
 
 A tiny random-weight Llama (W0 = 256) with a three-step ladder; seven concurrent requests of
 every set and length, prefills split into 128-token chunks; then four long decodes of two

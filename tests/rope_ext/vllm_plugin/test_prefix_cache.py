@@ -1,4 +1,4 @@
-"""DESIGN.md rule 4: prefix caching stays on, and no block computed under one set serves another."""
+"""docs/design.md, rule 4: prefix caching stays on, and no block computed under one set serves another."""
 
 import pytest
 

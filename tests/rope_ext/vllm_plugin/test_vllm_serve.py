@@ -1,4 +1,4 @@
-"""DESIGN.md rule 6: plain `vllm serve` with only our package installed chooses the set per request.
+"""docs/design.md, rule 6: plain `vllm serve` with only our package installed chooses the set per request.
 
 The tiny model's config carries a Phi-3 style longrope ladder (short at 256, long at 1024);
 no LONGROPE_FACTORS, no front end of ours. One request pins a set through `vllm_xargs`,
@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from rope_ext.hf_config import ladder_from_hf
+from rope_ext.models.tiny import TINY_MAX_LEN
 from rope_ext.selftest.reference import LOGPROB_TOLERANCE, ReferenceModel, assert_greedy_matches
 from server.probe import free_port, wait_until_ok
 from tests.helpers import REPO
@@ -31,7 +32,7 @@ def vllm_server(tiny_model, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "rope_ext.vllm_cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
          "--dtype", "float32",
-         "--max-model-len", "1024", "--enforce-eager", "--seed", "0", "--served-model-name", "tiny"],
+         "--max-model-len", str(TINY_MAX_LEN), "--enforce-eager", "--seed", "0", "--served-model-name", "tiny"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
     )
     base = f"http://127.0.0.1:{port}"
@@ -50,7 +51,7 @@ def reference(tiny_model):
 
     model_dir = tiny_model[0]
     ladder = ladder_from_hf(json.loads((model_dir / "config.json").read_text()))
-    return ladder, ReferenceModel(model_dir, ladder, 1024)
+    return ladder, ReferenceModel(model_dir, ladder, TINY_MAX_LEN)
 
 
 CASES = {

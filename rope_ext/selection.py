@@ -53,17 +53,24 @@ def choose_set(ladder: Ladder, prompt_tokens: int, max_tokens: int, policy: Poli
 
 
 def admit(ladder: Ladder, prompt_tokens: int, max_tokens: int, policy: Policy, pinned: Any = None,
-          resumable: bool = True) -> Admission:
+          resumable: bool = True, lead: int = 0) -> Admission:
     """Where a request starts and whether it may be promoted (a Refusal when no set can take it).
 
     ``resumable`` is False for output that cannot go on in a new engine request (a grammar, as
     structured outputs and forced tool calls use): such a request is admitted by the budget rule,
-    whatever the policy. A pinned request never moves.
+    whatever the policy. A pinned request never moves. ``lead``: the decode steps the next set's
+    prefill needs to run beside the decode (server.side_prefill); a promotable request with less room
+    than that in its start set starts in the smallest set with that room instead, so its switch cannot
+    stall it (0: the window rule alone).
     """
     policy = Policy(policy) if resumable else Policy.BUDGET
     index = choose_set(ladder, prompt_tokens, max_tokens, policy, pinned)
+    promotable = policy is Policy.DYNAMIC and pinned is None
+    if promotable and lead and prompt_tokens + max_tokens > ladder.sets[index].window:
+        index = next((i for i, fs in enumerate(ladder.sets) if fs.window >= prompt_tokens + lead),
+                     len(ladder.sets) - 1)
     fits = prompt_tokens + max_tokens <= ladder.sets[index].window
-    return Admission(index, policy is Policy.DYNAMIC and pinned is None and not fits)
+    return Admission(index, promotable and not fits)
 
 
 def segment_tokens(ladder: Ladder, index: int, sequence: int, remaining: int) -> int:

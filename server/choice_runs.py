@@ -21,6 +21,9 @@ class Promotion:
     from_set: str
     to_set: str
     at_tokens: int  # sequence length (prompt + generated) when it moved
+    stall_s: float | None = None  # last token before the switch to the first after it
+    cached_tokens: int = 0  # of the continuation's prefill, found in the prefix cache (side prefills put them there)
+    side_prefills: int = 0  # side requests that prepared the switch
 
     def as_dict(self) -> dict[str, Any]:
         return {"from": self.from_set, "to": self.to_set, "at_tokens": self.at_tokens}

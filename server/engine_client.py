@@ -9,7 +9,8 @@ delegated to the wrapped ``AsyncLLM``.
   response has started, so a refusal (unknown set, a pinned set too small) is an HTTP 400, never
   an in-band stream error.
 - A request that fits its start set runs as vLLM's own request, observed; one that may be
-  promoted runs choice by choice, segment by segment (``server.promotion``).
+  promoted runs choice by choice, segment by segment (``server.promotion``), its next set prefilled
+  beside the decode before the window (``server.side_prefill``).
 - **Lifecycle**: SIGTERM drains (``shutdown``), and an engine that dies is reported
   (``death_reason``) so that `longrope serve` exits non-zero.
 """
@@ -34,6 +35,7 @@ from rope_ext.selection import Policy, admit
 from server.choice_runs import ChoiceRun, current_choices
 from server.metrics import ServerMetrics
 from server.promotion import fan_out
+from server.side_prefill import SidePrefills
 
 
 def _token_prompt(prompt: Any) -> list[int] | None:
@@ -46,11 +48,17 @@ def _token_prompt(prompt: Any) -> list[int] | None:
 class LadderEngineClient:
     """Delegates to vLLM's ``AsyncLLM``; ``generate`` applies the ladder's regimes, ``shutdown`` drains."""
 
-    def __init__(self, engine: Any, ladder: Ladder, policy: Policy, metrics: ServerMetrics):
+    def __init__(self, engine: Any, ladder: Ladder, policy: Policy, metrics: ServerMetrics,
+                 side_prefill_max_lead: int = 0, start_by_lead: bool = True):
+        """``side_prefill_max_lead``: the most tokens before a window that a side prefill may start (0: none);
+        ``start_by_lead``: a promotable request with less room than the lead starts in the next set."""
         self.engine = engine
         self.ladder = ladder
         self.policy = Policy(policy)
         self.metrics = metrics
+        self.side = SidePrefills(engine, side_prefill_max_lead, engine.vllm_config.cache_config.enable_prefix_caching,
+                                 metrics)
+        self.start_by_lead = start_by_lead
         self.running = 0  # requests being generated (each counted once, whatever its choices and segments)
         self.draining = False
 
@@ -108,9 +116,10 @@ class LadderEngineClient:
         # A grammar cannot resume inside a new engine request, and only deltas or a final output can be stitched.
         resumable = params.structured_outputs is None and params.output_kind in (RequestOutputKind.DELTA,
                                                                                  RequestOutputKind.FINAL_ONLY)
+        lead = self.side.lead(len(tokens)) if self.start_by_lead else 0
         try:
             admission = admit(self.ladder, len(tokens), params.max_tokens, self.policy, pinned_set(params.extra_args),
-                              resumable)
+                              resumable, lead)
         except Refusal as refusal:
             raise vllm_error(refusal) from None
         name = self.ladder.sets[admission.index].name
@@ -120,10 +129,10 @@ class LadderEngineClient:
             choices.extend(runs)
         if admission.promotable:
             outputs = fan_out(self.engine, self.ladder, prompt, tokens, params, request_id, kwargs, admission.index,
-                              runs)
+                              runs, self.side)
         else:
             params.extra_args = naming_set(params.extra_args, name)
-            outputs = self._observed(self.engine.generate(prompt, params, request_id, **kwargs), runs)
+            outputs = self._observed(self.engine.generate(prompt, params, request_id, **kwargs), runs, len(tokens))
         return self._counted(outputs, runs)
 
     async def _counted(self, outputs: AsyncIterator[RequestOutput],
@@ -139,12 +148,17 @@ class LadderEngineClient:
             for run in runs:
                 self.metrics.choice_done(run)
 
-    @staticmethod
-    async def _observed(outputs: AsyncIterator[RequestOutput], runs: list[ChoiceRun]) -> AsyncIterator[RequestOutput]:
-        """A request that stays in its set: vLLM's own outputs, unchanged; each choice's tokens and outcome noted."""
+    async def _observed(self, outputs: AsyncIterator[RequestOutput], runs: list[ChoiceRun],
+                        prompt_tokens: int) -> AsyncIterator[RequestOutput]:
+        """A request that stays in its set: vLLM's own outputs, unchanged; each choice's tokens and outcome noted,
+        its prefill timed for the side prefills' estimates."""
+        first = True
         try:
             async with aclosing(outputs) as gen:
                 async for output in gen:
+                    if first:
+                        self.side.observe_prefill(output, prompt_tokens)
+                        first = False
                     for completion in output.outputs:
                         run = runs[completion.index]
                         run.saw(completion)

@@ -79,6 +79,14 @@ class ServerMetrics:
                                   ["model", "from_set", "to_set"], registry=r)
         self.reprefill = Counter("longrope_promotion_reprefill_tokens", "Tokens prefilled again because of "
                                  "promotions.", ["model", "from_set", "to_set"], registry=r)
+        self.stall = Histogram("longrope_promotion_stall_seconds", "Gap between the last token before a switch "
+                               "and the first after it.", ["model", "from_set", "to_set"], buckets=LATENCY_BUCKETS,
+                               registry=r)
+        self.cached = Counter("longrope_promotion_cached_tokens", "Tokens of the prefill after a switch found in the "
+                              "prefix cache (put there by side prefills).", ["model", "from_set", "to_set"],
+                              registry=r)
+        self.side_prefills = Counter("longrope_side_prefills", "Side requests that prefilled a promotion's next set "
+                                     "before the window (not counted as requests).", by_set, registry=r)
         self.prompt_tokens = Counter("longrope_prompt_tokens", "Prompt tokens by start set.", by_set, registry=r)
         self.generation_tokens = Counter("longrope_generation_tokens", "Generated tokens by final set.", by_set,
                                          registry=r)
@@ -109,6 +117,9 @@ class ServerMetrics:
         for p in run.promotions:
             self.promotions.labels(m, p.from_set, p.to_set).inc()
             self.reprefill.labels(m, p.from_set, p.to_set).inc(p.at_tokens)
+            self.cached.labels(m, p.from_set, p.to_set).inc(p.cached_tokens)
+            if p.stall_s is not None:
+                self.stall.labels(m, p.from_set, p.to_set).observe(p.stall_s)
         if run.first_token_s is not None:
             self.ttft.labels(m, run.start_set).observe(run.first_token_s)
         for gap in run.token_gaps_s:
@@ -117,3 +128,7 @@ class ServerMetrics:
             self.e2e.labels(m, run.final_set).observe(run.e2e_s)
         for wait in run.queue_s:
             self.queue.labels(m, run.start_set).observe(wait)
+
+    def side_prefill(self, set_name: str) -> None:
+        """One side prefill finished (server.side_prefill)."""
+        self.side_prefills.labels(self.model, set_name).inc()

@@ -3,14 +3,17 @@
 A segment is one engine request, capped at its set's window. When it stops there ('length', with
 tokens of the choice's max_tokens left), the choice is promoted: prompt + tokens generated so far
 are prefilled again under the next set, as a new engine request (no KV block is ever shared
-between sets; why re-prefill: docs/design.md), and generation goes on. What vLLM's serving layer
-receives is one unbroken sequence of outputs, so its parsers, logprobs and usage work across a
-switch. With n > 1 every choice runs and moves on its own (choice i seeded seed + i).
+between sets; why re-prefill: docs/design.md), and generation goes on. Before the window, side
+prefills (server.side_prefill) put most of that sequence in the next set's prefix cache, so the
+switch does not stall the stream. What vLLM's serving layer receives is one unbroken sequence of
+outputs, so its parsers, logprobs and usage work across a switch. With n > 1 every choice runs and
+moves on its own (choice i seeded seed + i).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from rope_ext.factors import Ladder
 from rope_ext.protocol import naming_set
 from rope_ext.selection import next_set, segment_tokens
 from server.choice_runs import ChoiceRun, Promotion
+from server.side_prefill import SidePrefills, Warmer
 
 
 class StopScanner:
@@ -79,13 +83,16 @@ class PromotingChoice:
     """
 
     def __init__(self, engine: Any, ladder: Ladder, prompt: dict, tokens: list[int], params: SamplingParams,
-                 request_id: str, kwargs: dict[str, Any], start: int, run: ChoiceRun, choice: int):
+                 request_id: str, kwargs: dict[str, Any], start: int, run: ChoiceRun, choice: int,
+                 side: SidePrefills | None = None):
         self.engine, self.ladder, self.kwargs = engine, ladder, kwargs
         self.prompt, self.tokens, self.params = prompt, tokens, params
         self.request_id, self.run, self.choice = request_id, run, choice
         self.set_index = start
         self.final_only = params.output_kind is RequestOutputKind.FINAL_ONLY
         self.scanner = StopScanner(params.stop, params.include_stop_str_in_output) if params.stop else None
+        self.warmer = Warmer(side, request_id) if side is not None and side.enabled else None
+        self.switched_at: float | None = None  # when the last token before a switch arrived
         self.generated: list[int] = []
         self.segments = 0
         self.total: CompletionOutput | None = None  # what a final-only caller gets at the end
@@ -102,18 +109,59 @@ class PromotingChoice:
                 async with aclosing(self.engine.generate(segment.prompt, segment.params, segment.request_id,
                                                          **self.kwargs)) as outputs:
                     async for output in outputs:
+                        self.observe_switch(output)
+                        if self.warmer is not None and not self.generated[segment.generated_before:]:
+                            self.warmer.side.observe_prefill(output, len(segment.prompt["prompt_token_ids"]))
                         stitched = self.stitch(output, segment)
                         if stitched is not None:
                             yield stitched
                         if self.stop_hit is not None:
                             break  # leaving the block closes the engine request (aborts it)
+                        self.warm_next_set(segment)
                 if not self.promote:
                     self.run.finish("stop" if self.stop_hit else self.last and self.last.finish_reason)
                     return
+                self.switched_at = time.monotonic()
+                side_prefills = 0
+                if self.warmer is not None:
+                    await self.warmer.settle()
+                    side_prefills = self.warmer.reset()
                 self.promote_choice()
+                self.run.promotions[-1].side_prefills = side_prefills
         except Exception:
             self.run.finish("error")
             raise
+        finally:
+            if self.warmer is not None:
+                await self.warmer.close()
+
+    def sequence_prompt(self) -> dict:
+        """Prompt + generated so far as a token prompt, with the request's own cache salt (vLLM keeps tenants
+        apart by it; a side prefill and the continuation it prepares must hash alike)."""
+        prompt = {"type": "token", "prompt_token_ids": self.tokens + self.generated}
+        if self.prompt.get("cache_salt"):
+            prompt["cache_salt"] = self.prompt["cache_salt"]
+        return prompt
+
+    def warm_next_set(self, segment: Segment) -> None:
+        """Within the lead of a window this segment will reach: a side prefill toward the next set."""
+        if self.warmer is None or not segment.capped:
+            return
+        self.warmer.saw_tokens(len(self.last.token_ids) if self.last is not None else 0)
+        switch_at = len(self.tokens) + segment.generated_before + segment.params.max_tokens
+        generated_then = switch_at - len(self.tokens)
+        upcoming = next_set(self.ladder, switch_at, self.params.max_tokens - generated_then)
+        self.warmer.maybe_start(self.sequence_prompt(), len(self.tokens) + len(self.generated), switch_at,
+                                self.ladder.sets[upcoming].name)
+
+    def observe_switch(self, output: RequestOutput) -> None:
+        """The first tokens after a switch: how long the stream stalled, how much the prefix cache held."""
+        if self.switched_at is None or not output.outputs[0].token_ids:
+            return
+        promotion = self.run.promotions[-1]
+        promotion.stall_s = time.monotonic() - self.switched_at
+        promotion.cached_tokens = output.num_cached_tokens or 0
+        self.switched_at = None
 
     def plan_segment(self) -> Segment:
         """The next engine request: this set, capped at its window; after a switch, prompt + generated."""
@@ -122,13 +170,14 @@ class PromotingChoice:
         params.max_tokens = segment_tokens(self.ladder, self.set_index, len(self.tokens) + len(self.generated), left)
         params.extra_args = naming_set(self.params.extra_args, self.ladder.sets[self.set_index].name)
         if self.scanner is not None:  # checked across segments, by the scanner
-            params.stop, params.output_kind = [], RequestOutputKind.DELTA
+            params.stop = []
+        if self.scanner is not None or self.warmer is not None:  # seen as they come (stitch rebuilds a final)
+            params.output_kind = RequestOutputKind.DELTA
         if not self.segments:
             return Segment(self.set_index, self.prompt, params, self.request_id, left, 0)
         params.prompt_logprobs = None  # the first segment reported them
         params.min_tokens = max(self.params.min_tokens - len(self.generated), 0)
-        prompt = {"type": "token", "prompt_token_ids": self.tokens + self.generated}
-        return Segment(self.set_index, prompt, params, f"{self.request_id}-s{self.segments}", left,
+        return Segment(self.set_index, self.sequence_prompt(), params, f"{self.request_id}-s{self.segments}", left,
                        len(self.generated))
 
     def stitch(self, output: RequestOutput, segment: Segment) -> RequestOutput | None:
@@ -173,11 +222,13 @@ class PromotingChoice:
 
 
 def fan_out(engine: Any, ladder: Ladder, prompt: dict, tokens: list[int], params: SamplingParams, request_id: str,
-            kwargs: dict[str, Any], start: int, runs: list[ChoiceRun]) -> AsyncIterator[RequestOutput]:
+            kwargs: dict[str, Any], start: int, runs: list[ChoiceRun],
+            side: SidePrefills | None = None) -> AsyncIterator[RequestOutput]:
     """All choices of a promotable request: one engine request per choice (n = 1 each, seed + i), their
     outputs as they come (streams) or merged into one final output."""
     if params.n == 1:
-        return PromotingChoice(engine, ladder, prompt, tokens, params, request_id, kwargs, start, runs[0], 0).outputs()
+        return PromotingChoice(engine, ladder, prompt, tokens, params, request_id, kwargs, start, runs[0], 0,
+                               side).outputs()
     choices = []
     for i in range(params.n):
         one = params.clone()
@@ -185,7 +236,7 @@ def fan_out(engine: Any, ladder: Ladder, prompt: dict, tokens: list[int], params
         if one.seed is not None:
             one.seed = params.seed + i  # n choices from one seed must still differ
         choices.append(PromotingChoice(engine, ladder, prompt, tokens, one, f"{request_id}-{i}", kwargs, start,
-                                       runs[i], i).outputs())
+                                       runs[i], i, side).outputs())
     if params.output_kind is RequestOutputKind.FINAL_ONLY:
         return _merged_finals(choices, request_id)
     return _interleaved(choices, request_id)

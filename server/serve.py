@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--rope-policy", choices=[p.value for p in Policy], default=Policy.DYNAMIC.value,
                       help="dynamic: start in the smallest set that holds the prompt and promote; budget: start "
                       "where prompt + max_tokens fits and stay")
+    ours.add_argument("--side-prefill-max-lead", type=int, default=4096,
+                      help="promotion without a stall: up to this many tokens before a window, prefill the next set "
+                      "beside the decode (a one-token side request), so the switch finds it in the prefix cache; "
+                      "0 turns it off (it is off without prefix caching)")
+    ours.add_argument("--rope-start-rule", choices=["lead", "window"], default="lead",
+                      help="lead: a request with too little room in its start set to hide the next set's prefill "
+                      "starts in the next set; window: the smallest set that holds the prompt (never a bigger one)")
     ours.add_argument("--max-body-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
     ours.add_argument("--metrics-require-api-key", action="store_true",
                       help="/metrics asks for the API key too (default: open for Prometheus, like the /health and "
@@ -147,7 +154,8 @@ async def _run(args: argparse.Namespace, ladder: Ladder) -> str | None:
     async with build_async_engine_client(args) as engine:
         metrics = ServerMetrics(args.served_model_name[0])
         metrics.expose(get_prometheus_registry())
-        client = LadderEngineClient(engine, ladder, Policy(args.rope_policy), metrics)
+        client = LadderEngineClient(engine, ladder, Policy(args.rope_policy), metrics, args.side_prefill_max_lead,
+                                    args.rope_start_rule == "lead")
         shutdown = await build_and_serve(client, listen_address, sock, args)
         died = client.death_reason()  # read before the engine is shut down below
     try:

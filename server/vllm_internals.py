@@ -19,6 +19,8 @@ SERVER_INTERNALS = (
     Internal("vllm.engine.protocol", "EngineClient.check_health", "overrides it: /health is 503 while draining"),
     Internal("vllm.engine.protocol", "EngineClient.shutdown", "overrides it: SIGTERM lets running requests finish"),
     Internal("vllm.v1.engine.async_llm", "AsyncLLM.errored", "reads it: an engine that died makes the server exit 1"),
+    Internal("vllm.config", "CacheConfig.enable_prefix_caching",
+             "reads it (AsyncLLM.vllm_config.cache_config): side prefills are off without prefix caching"),
     Internal("vllm.v1.engine.core_client", "BackgroundResources.engine_manager",
              "reads it (AsyncLLM.engine_core.resources): the engine processes whose exit codes say why it died"),
     Internal("vllm.v1.engine.utils", "CoreEngineProcManager.finished_procs", "calls it: those exit codes"),

@@ -3,7 +3,7 @@
 import pytest
 
 from rope_ext.factors import parse_ladder
-from rope_ext.selection import ContextLengthExceeded, Policy, UnknownSet, choose_set, engine_set
+from rope_ext.selection import ContextLengthExceeded, Policy, UnknownSet, admit, choose_set, engine_set
 from tests.helpers import GOOD  # windows 256, 512, 1024
 
 pytestmark = pytest.mark.unit
@@ -52,3 +52,19 @@ def test_engine_rule_is_pinned_else_budget(tiny_model):
     assert engine_set(ladder, 100, 10) == 0
     assert engine_set(ladder, 100, 200) == 1
     assert engine_set(ladder, 100, 10, "long") == 2
+
+
+@pytest.mark.parametrize("prompt,max_tokens,lead,expected,promotable", [
+    (250, 100, 0, 0, True),  # the window rule: short holds prompt + 1
+    (250, 100, 10, 1, False),  # 6 tokens of room < a lead of 10: mid, which holds it all
+    (250, 400, 10, 1, True),  # mid, still promoted later (650 > 512)
+    (100, 300, 10, 0, True),  # 156 tokens of room: stays short, promoted later
+    (250, 500, 2000, 2, False),  # no set has that much room: the largest
+    (250, 5, 10, 0, False),  # fits short: never promoted, the lead does not matter
+])
+def test_a_request_too_close_to_its_window_starts_where_its_switch_can_be_hidden(prompt, max_tokens, lead, expected,
+                                                                               promotable):
+    admission = admit(LADDER, prompt, max_tokens, Policy.DYNAMIC, lead=lead)
+    assert (admission.index, admission.promotable) == (expected, promotable)
+    assert admit(LADDER, prompt, max_tokens, Policy.DYNAMIC, pinned="short" if prompt + max_tokens <= 256 else "long",
+                 lead=lead).promotable is False  # pinned: the lead never moves it

@@ -27,12 +27,14 @@ def smollm2_server(smollm2_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model, tmp_path_factory):
-    """The tiny Llama (W0 = 256) with its three-step ladder, policy dynamic: promotions happen."""
+    """The tiny Llama (W0 = 256) with its three-step ladder, policy dynamic: promotions happen, prepared by side
+    prefills; the window start rule, so that where a request starts does not hang on the measured rates."""
     model_dir, factors, _ = tiny_model
     log = tmp_path_factory.mktemp("server") / "tiny.log"
     server = start_server(
         ["--model", str(model_dir), "--factors", str(factors), "--served-model-name", "tiny", "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", str(TINY_MAX_LEN), "--seed", "0", "--shutdown-timeout", "60"],
+         "--enforce-eager", "--max-model-len", str(TINY_MAX_LEN), "--seed", "0", "--shutdown-timeout", "60",
+         "--rope-start-rule", "window"],
         log, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     yield server

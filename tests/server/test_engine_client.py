@@ -10,6 +10,7 @@ tests/server/test_promotion.py against the transformers reference.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -48,32 +49,42 @@ def uninterrupted(prompt: list[int], max_tokens: int, seed: int = 0) -> list[int
     return sequence[len(prompt):]
 
 
+BLOCK = 16  # the fake prefix cache's block size, as vLLM's: only whole blocks are cached
+
+
 @dataclass
 class Call:
     request_id: str
     set_name: str | None
     prompt: list[int]
     params: SamplingParams
+    cached: int = 0  # prompt tokens found in the prefix cache of its set
     produced: int = 0
     ended: str = "running"  # finished, or closed (the client left: vLLM aborts the request)
 
 
 @dataclass
 class FakeEngine:
-    """AsyncLLM's ``generate`` and the lifecycle methods the engine client calls."""
+    """AsyncLLM's ``generate`` and the lifecycle methods the engine client calls, with a prefix cache per set
+    (a prompt's whole blocks, cached once its prefill ran)."""
 
     calls: list[Call] = field(default_factory=list)
     errored: bool = False
     shut_down: bool = False
     exits: dict[str, int] = field(default_factory=dict)
+    prefix_caching: bool = True
+    prefilled: list[tuple[str | None, list[int]]] = field(default_factory=list)
 
     def __post_init__(self):
         self.engine_core = SimpleNamespace(resources=SimpleNamespace(
             engine_manager=SimpleNamespace(finished_procs=lambda: self.exits)))
+        self.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=self.prefix_caching))
 
     def generate(self, prompt, params: SamplingParams, request_id: str, **kwargs):
         call = Call(request_id, (params.extra_args or {}).get(ROPE_SET_KEY), list(prompt["prompt_token_ids"]),
                     params)
+        call.cached = max((_common_blocks(call.prompt, seen) for name, seen in self.prefilled
+                           if name == call.set_name), default=0)
         self.calls.append(call)
         return self._outputs(call)
 
@@ -81,6 +92,7 @@ class FakeEngine:
         params = call.params
         try:
             reported = False  # prompt logprobs come with the request's first output
+            reported_prefill = False
             for index in range(params.n):
                 sequence = list(call.prompt)
                 tokens: list[int] = []
@@ -98,8 +110,11 @@ class FakeEngine:
                     wanted = params.prompt_logprobs is not None and not reported
                     prompt_logprobs = ["prompt logprobs"] if wanted else None
                     reported = True
+                    if not reported_prefill:
+                        self.prefilled.append((call.set_name, call.prompt))
+                        reported_prefill = True
                     yield RequestOutput(call.request_id, None, call.prompt, prompt_logprobs, [completion],
-                                        finished=last and index == params.n - 1)
+                                        finished=last and index == params.n - 1, num_cached_tokens=call.cached)
                     await asyncio.sleep(0)
             call.ended = "finished"
         finally:
@@ -117,9 +132,16 @@ class FakeEngine:
         self.shut_down = True
 
 
-def client(policy: Policy = Policy.DYNAMIC) -> tuple[LadderEngineClient, FakeEngine]:
-    engine = FakeEngine()
-    return LadderEngineClient(engine, LADDER, policy, ServerMetrics("m")), engine
+def _common_blocks(a: list[int], b: list[int]) -> int:
+    """Tokens of the longest common prefix, in whole blocks."""
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return n // BLOCK * BLOCK
+
+
+def client(policy: Policy = Policy.DYNAMIC, side_lead: int = 0, start_by_lead: bool = True,
+           prefix_caching: bool = True) -> tuple[LadderEngineClient, FakeEngine]:
+    engine = FakeEngine(prefix_caching=prefix_caching)
+    return LadderEngineClient(engine, LADDER, policy, ServerMetrics("m"), side_lead, start_by_lead), engine
 
 
 def params(max_tokens: int, **kwargs) -> SamplingParams:
@@ -293,3 +315,79 @@ def test_an_engine_that_died_says_which_process_and_how():
     assert ladder_client.death_reason().startswith("process EngineCore exited with status 1")
     engine.exits = {}
     assert ladder_client.death_reason().startswith("the engine core reported a fatal error")
+
+
+def metric(ladder_client: LadderEngineClient, name: str, **labels) -> float:
+    return ladder_client.metrics.registry.get_sample_value(name, {"model": "m", **labels}) or 0.0
+
+
+def test_a_side_prefill_puts_the_next_set_in_the_cache_before_the_window():
+    """4 tokens before the short window, one side request (one token, the mid set) prefills the sequence so far;
+    the continuation then finds all its whole blocks cached. The output is what it was without it."""
+    ladder_client, engine = client(side_lead=4)
+    prompt = [3] * (SHORT - 10)
+    outputs, runs = admitted(ladder_client, prompt, params(30))
+    assert [(c.request_id, c.set_name, len(c.prompt), c.params.max_tokens) for c in engine.calls] == [
+        ("r", "short", SHORT - 10, 10), ("r-prefill1", "mid", SHORT - 4, 1), ("r-s1", "mid", SHORT, 20)]
+    assert engine.calls[1].params.output_kind is RequestOutputKind.FINAL_ONLY
+    assert tokens_of(outputs) == uninterrupted(prompt, 30)
+    (promotion,) = runs[0].promotions
+    assert promotion.side_prefills == 1 and promotion.cached_tokens == (SHORT - 4) // BLOCK * BLOCK
+    assert promotion.stall_s is not None and promotion.stall_s >= 0
+    assert len(runs) == 1 and metric(ladder_client, "longrope_requests_finished_total", rope_set="mid",
+                                     outcome="length") == 1  # the side request is no request of ours
+    assert metric(ladder_client, "longrope_side_prefills_total", rope_set="mid") == 1
+    assert metric(ladder_client, "longrope_promotion_cached_tokens_total", from_set="short",
+                  to_set="mid") == promotion.cached_tokens
+    assert metric(ladder_client, "longrope_promotion_stall_seconds_count", from_set="short", to_set="mid") == 1
+
+
+def test_side_prefills_follow_the_tail_until_the_window():
+    """A lead of 40 tokens: the first side prefill leaves a tail of generated tokens, the next ones cover it,
+    each once a block's worth has grown; the continuation finds the last one's blocks."""
+    ladder_client, engine = client(side_lead=40)
+    prompt = [5] * (SHORT - 60)
+    outputs, runs = admitted(ladder_client, prompt, params(100))
+    side = [c for c in engine.calls if "-prefill" in c.request_id]
+    assert len(side) >= 2 and len(side[0].prompt) == SHORT - 40
+    assert all(later.prompt[:len(earlier.prompt)] == earlier.prompt for earlier, later in zip(side, side[1:]))
+    assert all(len(later.prompt) - len(earlier.prompt) >= BLOCK for earlier, later in zip(side, side[1:]))
+    assert side[-1].cached >= len(side[-2].prompt) // BLOCK * BLOCK  # each prefills only its tail
+    assert runs[0].promotions[0].cached_tokens == len(side[-1].prompt) // BLOCK * BLOCK
+    assert tokens_of(outputs) == uninterrupted(prompt, 100)
+
+
+@pytest.mark.parametrize("side_lead,prefix_caching", [(0, True), (40, False)])
+def test_no_side_prefill_when_off_or_without_prefix_caching(side_lead, prefix_caching):
+    ladder_client, engine = client(side_lead=side_lead, prefix_caching=prefix_caching)
+    outputs, runs = admitted(ladder_client, PROMPT, params(30))
+    assert [c.request_id for c in engine.calls] == ["r", "r-s1"]
+    assert runs[0].promotions[0].side_prefills == 0 and tokens_of(outputs) == uninterrupted(PROMPT, 30)
+
+
+def test_too_little_room_to_hide_the_prefill_starts_in_the_next_set():
+    """6 tokens of room in the short set, a lead of 40: the request starts in mid and never stalls; the window
+    rule (start_by_lead off) keeps it in short."""
+    ladder_client, engine = client(side_lead=40)
+    outputs, runs = admitted(ladder_client, PROMPT, params(30))
+    assert [(c.set_name, c.params.max_tokens) for c in engine.calls] == [("mid", 30)]
+    assert runs[0].promotions == [] and tokens_of(outputs) == uninterrupted(PROMPT, 30)
+    ladder_client, engine = client(side_lead=40, start_by_lead=False)
+    admitted(ladder_client, PROMPT, params(30))
+    assert engine.calls[0].set_name == "short"
+
+
+def test_the_lead_follows_the_measured_rates_and_its_cap():
+    """Decode steps a prefill takes, with a margin: 8192 tokens at 280 tokens/s beside 0.1 s steps is ~440
+    steps; capped by the flag; none without side prefills. A tail cheaper than a step is left to the switch."""
+    from server.side_prefill import MARGIN, SidePrefills
+
+    side = SidePrefills(None, 4096, True, None)
+    side.rates.prefill_tokens_per_s, side.rates.decode_s_per_token = 280.0, 0.1
+    assert side.lead(8192) == math.ceil(MARGIN * 8192 / 280 / 0.1)
+    assert side.lead(8192, decode_s_per_token=0.2) == math.ceil(MARGIN * 8192 / 280 / 0.2)
+    assert SidePrefills(None, 100, True, None).lead(8192) == 100
+    assert SidePrefills(None, 0, True, None).lead(8192) == SidePrefills(None, 4096, False, None).lead(8192) == 0
+    assert side.worth_it(100) and not side.worth_it(20)  # 100 tokens take 0.36 s, 20 take 0.07 s < 0.1 s
+    side.rates.prefilled(1000, 1.0)  # a measured prefill moves the estimate half way
+    assert side.rates.prefill_tokens_per_s == (280.0 + 1000.0) / 2

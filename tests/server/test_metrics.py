@@ -83,6 +83,7 @@ def test_prometheus_counts_what_was_sent_per_set(tiny_server, prometheus_base):
         ("longrope_prompt_tokens_total", {"rope_set": "long"}, 2 * 60),
         ("longrope_promotions_total", {"from_set": "short", "to_set": "mid"}, 1),
         ("longrope_promotion_reprefill_tokens_total", {"from_set": "short", "to_set": "mid"}, 256),
+        ("longrope_promotion_stall_seconds_count", {"from_set": "short", "to_set": "mid"}, 1),
         ("longrope_context_length_refusals_total", {}, 1),
         ("longrope_time_to_first_token_seconds_count", {"rope_set": "short"}, 4),
         ("longrope_e2e_request_latency_seconds_count", {"rope_set": "long"}, 2),

@@ -102,6 +102,29 @@ def test_stop_string_straddling_the_switch_still_stops(client, tiny_model, promp
     assert choice.model_extra["rope_promotions"][0]["at_tokens"] == SWITCH_AT
 
 
+def test_the_switch_finds_what_side_prefills_put_in_the_prefix_cache(client, tiny_server, prompt, switched):
+    """Side prefills (on by default) prefilled the mid set before the window: the continuation's prefill finds
+    their blocks in vLLM's prefix cache, and the output is still the switching reference's."""
+    def scraped() -> dict[str, float]:
+        text = httpx.get(f"{tiny_server.base}/metrics", timeout=10).text
+        wanted = ('longrope_promotion_cached_tokens_total{from_set="short",model="tiny",to_set="mid"}',
+                  'longrope_side_prefills_total{model="tiny",rope_set="mid"}',
+                  'longrope_promotion_stall_seconds_count{from_set="short",model="tiny",to_set="mid"}')
+        found = dict.fromkeys(wanted, 0.0)
+        for line in text.splitlines():
+            name, _, number = line.rpartition(" ")
+            if name in found:
+                found[name] = float(number)
+        return found
+
+    before = scraped()
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=0)
+    after = scraped()
+    cached, side, stalls = (after[k] - before[k] for k in before)
+    assert 0 < cached <= SWITCH_AT and side >= 1 and stalls == 1, (before, after)
+    assert_greedy_matches(switched, None, reply.choices[0].logprobs.token_logprobs, "with side prefills")
+
+
 def test_budget_policy_or_pinned_set_never_promotes(client, prompt, tiny_reference):
     pinned = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=0,
                                        extra_body={"rope_set": "mid"})
@@ -115,7 +138,8 @@ def test_sigterm_drains_running_requests(tiny_model, tmp_path):
     model_dir, factors, _ = tiny_model
     server = start_server(
         ["--model", str(model_dir), "--factors", str(factors), "--served-model-name", "tiny", "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", str(TINY_MAX_LEN), "--shutdown-timeout", "120"],
+         "--enforce-eager", "--max-model-len", str(TINY_MAX_LEN), "--shutdown-timeout", "120",
+         "--rope-start-rule", "window"],
         tmp_path / "drain.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     try:

@@ -1,0 +1,176 @@
+"""Promotion without a stall: the next set's prefill runs beside the decode, before the window is reached.
+
+A promoted request is prefilled again under the next set (prompt + what it generated: docs/design.md says
+why). Done at the switch, that prefill stops the stream for its whole length (29 s on SmolLM2 at 8192 tokens
+on a 2-core CPU). Done early, as a *side request* of one token under the next set (same prompt shape, so the
+same cache salt), its KV blocks enter vLLM's prefix cache while the decode goes on; at the switch the
+continuation finds them and prefills only the tokens generated since. A side prefill that leaves a long
+tail (a slow prefill beside a fast decode) is followed by another over the tail, and so on, while the window
+is still ahead.
+
+When to start: the *lead* is how many of the request's own decode steps the prefill will take, from running
+estimates of the engine's prefill rate (timed on every side prefill) and the request's decode rate; one
+begins when the tokens left before the window fall to the lead. Side requests are invisible to clients and
+to the ``longrope_*`` request metrics; they have their own counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from rope_ext.protocol import naming_set
+
+# Starting guesses until the first measurement; each measurement moves an estimate half way.
+FIRST_PREFILL_TOKENS_PER_S = 1000.0
+FIRST_DECODE_S_PER_TOKEN = 0.05
+SMOOTHING = 0.5
+MARGIN = 1.5  # start this much earlier than the estimate says: finishing late stalls, early costs nothing
+SMALLEST_TAIL = 16  # tokens: a tail shorter than a KV block is not worth a side request
+SMALLEST_PREFILL_SAMPLE = 128  # tokens: shorter prefills time the engine's overhead more than its rate
+
+
+@dataclass
+class Rates:
+    """Running estimates, shared by every request of the engine client."""
+
+    prefill_tokens_per_s: float = FIRST_PREFILL_TOKENS_PER_S
+    decode_s_per_token: float = FIRST_DECODE_S_PER_TOKEN
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            self.prefill_tokens_per_s += SMOOTHING * (tokens / seconds - self.prefill_tokens_per_s)
+
+    def decoded(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            self.decode_s_per_token += SMOOTHING * (seconds / tokens - self.decode_s_per_token)
+
+
+class SidePrefills:
+    """The engine client's side-prefill settings, estimates and side requests.
+
+    ``max_lead``: the most tokens before a window a side prefill may start (0: never; a cap on the lead).
+    It is off too when the engine has no prefix cache (the side request's blocks would be thrown away).
+    """
+
+    def __init__(self, engine: Any, max_lead: int, prefix_caching: bool, metrics: Any):
+        self.engine = engine
+        self.max_lead = max_lead if prefix_caching else 0
+        self.metrics = metrics
+        self.rates = Rates()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_lead > 0
+
+    def lead(self, prefill_tokens: int, decode_s_per_token: float | None = None) -> int:
+        """Decode steps that a prefill of ``prefill_tokens`` takes (with a margin), at most ``max_lead``."""
+        if not self.enabled or prefill_tokens <= 0:
+            return 0
+        step = decode_s_per_token or self.rates.decode_s_per_token
+        steps = MARGIN * prefill_tokens / self.rates.prefill_tokens_per_s / step
+        return min(self.max_lead, math.ceil(steps))
+
+    def worth_it(self, tail: int, decode_s_per_token: float | None = None) -> bool:
+        """Whether prefilling ``tail`` tokens takes longer than a decode step (else a side request costs more
+        than the stall it saves)."""
+        step = decode_s_per_token or self.rates.decode_s_per_token
+        return tail / self.rates.prefill_tokens_per_s > step
+
+    def observe_prefill(self, output: Any, prompt_tokens: int) -> None:
+        """A request's first output (any request's): how fast the engine prefilled the part of its prompt
+        that was not cached, from the engine core's own timestamps (scheduled to first token)."""
+        stats = output.metrics
+        tokens = prompt_tokens - (output.num_cached_tokens or 0)
+        if stats is None or not stats.first_token_ts or not stats.scheduled_ts or tokens < SMALLEST_PREFILL_SAMPLE:
+            return
+        self.rates.prefilled(tokens, stats.first_token_ts - stats.scheduled_ts)
+
+    def start(self, prompt: dict, set_name: str, request_id: str) -> asyncio.Task:
+        """Prefill ``prompt`` under ``set_name`` as a one-token side request; the task ends when it is cached."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY, extra_args=naming_set(None, set_name))
+        return asyncio.create_task(self._run(prompt, params, request_id, set_name))
+
+    async def _run(self, prompt: dict, params: SamplingParams, request_id: str, set_name: str) -> None:
+        async with aclosing(self.engine.generate(prompt, params, request_id)) as outputs:
+            async for output in outputs:
+                self.observe_prefill(output, len(prompt["prompt_token_ids"]))
+        self.metrics.side_prefill(set_name)
+
+
+class Warmer:
+    """One promotable choice's side prefills toward the set it will move to next."""
+
+    def __init__(self, side: SidePrefills, request_id: str):
+        self.side, self.request_id = side, request_id
+        self.task: asyncio.Task | None = None
+        self.covered = 0  # sequence length the finished side prefills hold in the next set's cache
+        self.pending = 0  # sequence length the side prefill in flight will hold
+        self.count = 0  # side prefills toward the coming switch
+        self.started = 0  # side prefills of this choice (their request ids)
+        self.decode_s_per_token: float | None = None  # this request's own, once measured
+        self.last_output: float | None = None
+
+    def saw_tokens(self, tokens: int) -> None:
+        """The request produced ``tokens`` tokens now: its decode rate, and the engine-wide one."""
+        now = time.monotonic()
+        if self.last_output is not None and tokens:
+            seconds = now - self.last_output
+            step = seconds / tokens
+            self.decode_s_per_token = step if self.decode_s_per_token is None else \
+                self.decode_s_per_token + SMOOTHING * (step - self.decode_s_per_token)
+            self.side.rates.decoded(tokens, seconds)
+        self.last_output = now
+
+    def maybe_start(self, prompt: dict, sequence: int, switch_at: int, next_set: str) -> None:
+        """Start a side prefill of ``prompt`` (``sequence`` tokens) under ``next_set`` if the window
+        (``switch_at``) is within the lead and no side prefill is in flight."""
+        if self.task is not None:
+            if not self.task.done():
+                return
+            self._collect()
+        tail = sequence - self.covered
+        left = switch_at - sequence
+        if left <= 0 or tail < SMALLEST_TAIL or left > self.side.lead(switch_at - self.covered,
+                                                                       self.decode_s_per_token):
+            return
+        if self.covered and not self.side.worth_it(tail, self.decode_s_per_token):
+            return  # a tail the switch prefills within about one decode step is cheaper left to it
+        self.count += 1
+        self.started += 1
+        self.pending = sequence
+        self.task = self.side.start(prompt, next_set, f"{self.request_id}-prefill{self.started}")
+
+    async def settle(self) -> None:
+        """At the switch: let a side prefill in flight finish (its blocks are the continuation's head; one that
+        failed leaves the continuation to prefill it all, as without side prefills)."""
+        if self.task is not None:
+            await asyncio.wait({self.task})
+            self._collect()
+
+    def reset(self) -> int:
+        """At a switch, once settled: the next side prefills aim at the set after that. Returns how many
+        side prefills prepared this switch."""
+        count, self.count = self.count, 0
+        self.covered = self.pending = 0
+        self.task = None
+        return count
+
+    async def close(self) -> None:
+        """The choice ended (or its client left): stop a side prefill still in flight."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    def _collect(self) -> None:
+        assert self.task is not None
+        if not self.task.cancelled() and self.task.exception() is None:
+            self.covered = self.pending
+        self.task = None

@@ -96,6 +96,7 @@ class PromotingChoice:
         self.generated: list[int] = []
         self.segments = 0
         self.total: CompletionOutput | None = None  # what a final-only caller gets at the end
+        self.cumulative_before = 0.0  # the finished segments' cumulative logprobs, for a final-only caller
         self.first: RequestOutput | None = None  # its prompt logprobs are the request's
         self.stop_hit: str | None = None
         self.promote = False
@@ -151,8 +152,8 @@ class PromotingChoice:
         switch_at = len(self.tokens) + segment.generated_before + segment.params.max_tokens
         generated_then = switch_at - len(self.tokens)
         upcoming = next_set(self.ladder, switch_at, self.params.max_tokens - generated_then)
-        self.warmer.maybe_start(self.sequence_prompt(), len(self.tokens) + len(self.generated), switch_at,
-                                self.ladder.sets[upcoming].name)
+        self.warmer.maybe_start(self.sequence_prompt, len(self.tokens) + len(self.generated), switch_at,
+                                self.ladder.sets[upcoming].name, self.kwargs)
 
     def observe_switch(self, output: RequestOutput) -> None:
         """The first tokens after a switch: how long the stream stalled, how much the prefix cache held."""
@@ -199,14 +200,20 @@ class PromotingChoice:
             self.promote = delta.finish_reason == "length" and segment.capped
             if self.scanner is not None and not self.promote:
                 delta.text += self.scanner.flush()
-        if delta.finish_reason is not None:
+        segment_ended = delta.finish_reason is not None
+        if segment_ended:
             self.run.segment_done(output.metrics, len(self.generated) - segment.generated_before)
         if self.promote:
             delta.finish_reason = delta.stop_reason = None
         output.request_id, output.prompt_token_ids = self.request_id, self.tokens
         output.finished = delta.finish_reason is not None
         if self.final_only:
+            running = delta.cumulative_logprob  # vLLM's total so far for this segment (deltas or one final)
             self.total = delta if self.total is None else _extended(self.total, delta)
+            if running is not None:
+                self.total.cumulative_logprob = self.cumulative_before + running
+                if segment_ended:
+                    self.cumulative_before += running
             output.outputs, output.prompt_logprobs = [self.total], self.first.prompt_logprobs
         if output.finished or not self.final_only and (delta.text or delta.token_ids):
             return output
@@ -256,8 +263,6 @@ def _extended(total: CompletionOutput, delta: CompletionOutput) -> CompletionOut
     total.token_ids = [*total.token_ids, *delta.token_ids]
     if total.logprobs is not None and delta.logprobs is not None:
         total.logprobs.extend(delta.logprobs)
-    if total.cumulative_logprob is not None and delta.cumulative_logprob is not None:
-        total.cumulative_logprob += delta.cumulative_logprob
     total.finish_reason, total.stop_reason = delta.finish_reason, delta.stop_reason
     return total
 

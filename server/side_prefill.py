@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -92,14 +93,18 @@ class SidePrefills:
             return
         self.rates.prefilled(tokens, stats.first_token_ts - stats.scheduled_ts)
 
-    def start(self, prompt: dict, set_name: str, request_id: str) -> asyncio.Task:
-        """Prefill ``prompt`` under ``set_name`` as a one-token side request; the task ends when it is cached."""
+    def start(self, prompt: dict, set_name: str, request_id: str, kwargs: dict[str, Any]) -> asyncio.Task:
+        """Prefill ``prompt`` under ``set_name`` as a one-token side request; the task ends when it is cached.
+
+        ``kwargs``: the request's own engine arguments (its LoRA adapter, priority, data-parallel rank): the
+        prefix cache keys blocks by the adapter, and the continuation must land where the blocks are."""
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY, extra_args=naming_set(None, set_name))
-        return asyncio.create_task(self._run(prompt, params, request_id, set_name))
+        return asyncio.create_task(self._run(prompt, params, request_id, set_name, kwargs))
 
-    async def _run(self, prompt: dict, params: SamplingParams, request_id: str, set_name: str) -> None:
-        async with aclosing(self.engine.generate(prompt, params, request_id)) as outputs:
+    async def _run(self, prompt: dict, params: SamplingParams, request_id: str, set_name: str,
+                   kwargs: dict[str, Any]) -> None:
+        async with aclosing(self.engine.generate(prompt, params, request_id, **kwargs)) as outputs:
             async for output in outputs:
                 self.observe_prefill(output, len(prompt["prompt_token_ids"]))
         self.metrics.side_prefill(set_name)
@@ -129,8 +134,9 @@ class Warmer:
             self.side.rates.decoded(tokens, seconds)
         self.last_output = now
 
-    def maybe_start(self, prompt: dict, sequence: int, switch_at: int, next_set: str) -> None:
-        """Start a side prefill of ``prompt`` (``sequence`` tokens) under ``next_set`` if the window
+    def maybe_start(self, prompt: Callable[[], dict], sequence: int, switch_at: int, next_set: str,
+                    kwargs: dict[str, Any]) -> None:
+        """Start a side prefill of ``prompt()`` (``sequence`` tokens) under ``next_set`` if the window
         (``switch_at``) is within the lead and no side prefill is in flight."""
         if self.task is not None:
             if not self.task.done():
@@ -146,7 +152,7 @@ class Warmer:
         self.count += 1
         self.started += 1
         self.pending = sequence
-        self.task = self.side.start(prompt, next_set, f"{self.request_id}-prefill{self.started}")
+        self.task = self.side.start(prompt(), next_set, f"{self.request_id}-prefill{self.started}", kwargs)
 
     async def settle(self) -> None:
         """At the switch: let a side prefill in flight finish (its blocks are the continuation's head; one that
@@ -161,12 +167,15 @@ class Warmer:
         count, self.count = self.count, 0
         self.covered = self.pending = 0
         self.task = None
+        self.last_output = None  # the stall ahead is no decode step
         return count
 
     async def close(self) -> None:
-        """The choice ended (or its client left): stop a side prefill still in flight."""
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        """The choice ended (or its client left): stop a side prefill still in flight (a failed one's error
+        is read here, so asyncio does not report it as never retrieved)."""
+        if self.task is not None:
+            if not self.task.done():
+                self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
 
     def _collect(self) -> None:

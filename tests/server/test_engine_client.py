@@ -59,6 +59,7 @@ class Call:
     prompt: list[int]
     params: SamplingParams
     cached: int = 0  # prompt tokens found in the prefix cache of its set
+    kwargs: dict = field(default_factory=dict)
     produced: int = 0
     ended: str = "running"  # finished, or closed (the client left: vLLM aborts the request)
 
@@ -82,7 +83,7 @@ class FakeEngine:
 
     def generate(self, prompt, params: SamplingParams, request_id: str, **kwargs):
         call = Call(request_id, (params.extra_args or {}).get(ROPE_SET_KEY), list(prompt["prompt_token_ids"]),
-                    params)
+                    params, kwargs=kwargs)
         call.cached = max((_common_blocks(call.prompt, seen) for name, seen in self.prefilled
                            if name == call.set_name), default=0)
         self.calls.append(call)
@@ -105,7 +106,8 @@ class FakeEngine:
                     if params.output_kind is RequestOutputKind.FINAL_ONLY and not last:
                         continue
                     piece = tokens if params.output_kind is RequestOutputKind.FINAL_ONLY else [token]
-                    completion = CompletionOutput(index, "".join(map(letter, piece)), piece, None, None,
+                    running = -0.5 * (step + 1)  # vLLM's cumulative logprob: this engine request's total so far
+                    completion = CompletionOutput(index, "".join(map(letter, piece)), piece, running, None,
                                                   finish_reason="length" if last else None)
                     wanted = params.prompt_logprobs is not None and not reported
                     prompt_logprobs = ["prompt logprobs"] if wanted else None
@@ -236,15 +238,27 @@ def test_n_choices_each_promoted_on_their_own_with_their_own_seed():
     assert [len(r.promotions) for r in runs] == [1, 1]
 
 
-def test_final_only_output_is_one_output_with_every_token():
-    ladder_client, _ = client()
-    outputs, _ = admitted(ladder_client, PROMPT, params(30, prompt_logprobs=0,
-                                                         output_kind=RequestOutputKind.FINAL_ONLY))
+@pytest.mark.parametrize("side_lead", [0, 4])  # segments asked for one final output each, or (side prefills) deltas
+def test_final_only_output_is_one_output_with_every_token(side_lead):
+    ladder_client, _ = client(side_lead=side_lead)
+    prompt = [3] * (SHORT - 10)
+    outputs, _ = admitted(ladder_client, prompt, params(30, prompt_logprobs=0,
+                                                        output_kind=RequestOutputKind.FINAL_ONLY))
     assert len(outputs) == 1 and outputs[0].finished
     final = outputs[0].outputs[0]
-    assert list(final.token_ids) == uninterrupted(PROMPT, 30)
+    assert list(final.token_ids) == uninterrupted(prompt, 30)
     assert final.text == "".join(map(letter, final.token_ids)) and final.finish_reason == "length"
+    assert final.cumulative_logprob == -0.5 * 30  # both segments' totals, each counted once
     assert outputs[0].prompt_logprobs == ["prompt logprobs"]  # the first segment's
+
+
+def test_a_side_prefill_carries_the_requests_engine_arguments():
+    """Its LoRA adapter keys the prefix cache: a side prefill without it would cache blocks nobody reads."""
+    ladder_client, engine = client(side_lead=4)
+    collect(ladder_client.generate({"prompt_token_ids": [3] * (SHORT - 10)}, params(30), "r",
+                                   lora_request="adapter", priority=2))
+    side = [c for c in engine.calls if "-prefill" in c.request_id]
+    assert side and all(c.kwargs == {"lora_request": "adapter", "priority": 2} for c in side)
 
 
 def test_final_only_with_n_merges_the_choices():

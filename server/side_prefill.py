@@ -37,6 +37,11 @@ SMALLEST_TAIL = 16  # tokens: a tail shorter than a KV block is not worth a side
 SMALLEST_PREFILL_SAMPLE = 128  # tokens: shorter prefills time the engine's overhead more than its rate
 
 
+def smoothed(estimate: float | None, sample: float) -> float:
+    """``estimate`` moved a fraction SMOOTHING toward ``sample`` (``sample`` itself when there is none yet)."""
+    return sample if estimate is None else estimate + SMOOTHING * (sample - estimate)
+
+
 @dataclass
 class Rates:
     """Running estimates, shared by every request of the engine client."""
@@ -46,11 +51,11 @@ class Rates:
 
     def prefilled(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
-            self.prefill_tokens_per_s += SMOOTHING * (tokens / seconds - self.prefill_tokens_per_s)
+            self.prefill_tokens_per_s = smoothed(self.prefill_tokens_per_s, tokens / seconds)
 
     def decoded(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
-            self.decode_s_per_token += SMOOTHING * (seconds / tokens - self.decode_s_per_token)
+            self.decode_s_per_token = smoothed(self.decode_s_per_token, seconds / tokens)
 
 
 class SidePrefills:
@@ -128,9 +133,7 @@ class Warmer:
         now = time.monotonic()
         if self.last_output is not None and tokens:
             seconds = now - self.last_output
-            step = seconds / tokens
-            self.decode_s_per_token = step if self.decode_s_per_token is None else \
-                self.decode_s_per_token + SMOOTHING * (step - self.decode_s_per_token)
+            self.decode_s_per_token = smoothed(self.decode_s_per_token, seconds / tokens)
             self.side.rates.decoded(tokens, seconds)
         self.last_output = now
 

@@ -1,5 +1,5 @@
 """Helpers the tests share: the repository's root, a small valid ladder, engine results against their
-reference, `longrope serve` on loopback, a real Prometheus."""
+reference, `longrope serve` on loopback, its /metrics read back, a real Prometheus."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from rope_ext.selftest.reference import assert_greedy_matches
 from rope_ext.selftest.run import expected_set
@@ -99,3 +100,16 @@ def prom_query(base: str, expr: str) -> float:
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     result = json.load(urllib.request.urlopen(url, timeout=10))["data"]["result"]
     return float(result[0]["value"][1]) if result else 0.0
+
+
+def scrape(server) -> str:
+    return urllib.request.urlopen(f"{server.base}/metrics", timeout=10).read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(table: dict, name: str, **labels: str) -> float:
+    return table.get((name, frozenset(labels.items())), 0.0)

@@ -8,33 +8,17 @@ import re
 import shutil
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 
 import openai
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import REPO, prom_query, prometheus, prometheus_config
+from tests.helpers import REPO, prom_query, prometheus, prometheus_config, samples, scrape, value
 
 pytestmark = pytest.mark.server
 
 DEPLOY = REPO / "deploy"
 MODEL = "tiny"
-
-
-def scrape(server) -> str:
-    return urllib.request.urlopen(f"{server.base}/metrics", timeout=10).read().decode()
-
-
-def samples(text: str) -> dict[tuple[str, frozenset], float]:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(table: dict, name: str, **labels: str) -> float:
-    return table.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture(scope="module")

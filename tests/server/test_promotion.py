@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from rope_ext.models.tiny import TINY_MAX_LEN, TINY_W0
 from rope_ext.selftest.reference import LOGPROB_TOLERANCE, assert_greedy_matches
-from tests.helpers import start_server, stop_server
+from tests.helpers import samples, scrape, start_server, stop_server, value
 
 pytestmark = pytest.mark.server
 
@@ -106,16 +106,12 @@ def test_the_switch_finds_what_side_prefills_put_in_the_prefix_cache(client, tin
     """Side prefills (on by default) prefilled the mid set before the window: the continuation's prefill finds
     their blocks in vLLM's prefix cache, and the output is still the switching reference's."""
     def scraped() -> dict[str, float]:
-        text = httpx.get(f"{tiny_server.base}/metrics", timeout=10).text
-        wanted = ('longrope_promotion_cached_tokens_total{from_set="short",model="tiny",to_set="mid"}',
-                  'longrope_side_prefills_total{model="tiny",rope_set="mid"}',
-                  'longrope_promotion_stall_seconds_count{from_set="short",model="tiny",to_set="mid"}')
-        found = dict.fromkeys(wanted, 0.0)
-        for line in text.splitlines():
-            name, _, number = line.rpartition(" ")
-            if name in found:
-                found[name] = float(number)
-        return found
+        table = samples(scrape(tiny_server))
+        return {"cached": value(table, "longrope_promotion_cached_tokens_total", model="tiny", from_set="short",
+                                to_set="mid"),
+                "side": value(table, "longrope_side_prefills_total", model="tiny", rope_set="mid"),
+                "stalls": value(table, "longrope_promotion_stall_seconds_count", model="tiny", from_set="short",
+                                to_set="mid")}
 
     before = scraped()
     reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=0)

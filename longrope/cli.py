@@ -193,6 +193,33 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return selftest(args.model, args.workdir, parallel, args.compare_modes)
 
 
+def cmd_check_vllm(args: argparse.Namespace) -> int:
+    """Every vLLM name longrope-serve uses, against vLLM sources read without importing them: 0 if all are there."""
+    from rope_ext import environment
+    from rope_ext.porting_surface import SourceTree, check_tree, download_release
+    from rope_ext.vllm_plugin.vllm_internals import PLUGIN_LISTS
+    from server.vllm_internals import SERVER_INTERNALS
+
+    lists = {**PLUGIN_LISTS, "longrope serve": SERVER_INTERNALS}
+    trees = [SourceTree(path) for path in args.sources]
+    trees += [SourceTree(download_release(release, environment.user_cache() / "vllm-wheels"))
+              for release in args.release]
+    failed = False
+    for tree in trees or [SourceTree.installed()]:
+        version, found = check_tree(tree, lists)
+        release = tree.version()
+        against = "" if release == version else f" (not a supported release: checked against {version}'s names)"
+        print(f"vLLM {release} at {tree.path}{against}")
+        for name, internals in lists.items():
+            problems = found[name]
+            listed = sum(version in internal.versions for internal in internals)
+            print(f"  {name}: {'ok' if not problems else f'{len(problems)} missing'} ({listed} names)")
+            for problem in problems:
+                print(f"    {problem}")
+            failed = failed or bool(problems)
+    return 1 if failed else 0
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -318,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the tiny batch with ngram speculation, and on CUDA with async scheduling off "
                    "and at decode batch sizes 1, 3, 5, 17 and 33 (padded and unpadded CUDA graphs)")
     p.set_defaults(func=cmd_selftest)
+    p = sub.add_parser("check-vllm", help="the porting-surface check: every vLLM name longrope-serve uses, with the "
+                       "parameters it passes, against vLLM sources read without importing them; exit 1 naming any "
+                       "that is missing")
+    p.add_argument("sources", type=Path, nargs="*",
+                   help="a folder holding vllm/ or a vLLM wheel (default: the installed vLLM, unless --release)")
+    p.add_argument("--release", action="append", default=[], metavar="VERSION",
+                   help="download vLLM VERSION's wheel with pip into the user cache and check it (repeatable)")
+    p.set_defaults(func=cmd_check_vllm)
     return parser
 
 

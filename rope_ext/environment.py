@@ -14,8 +14,8 @@ FACTORS = "LONGROPE_FACTORS"  # the factor file of plain `vllm serve` with the p
 MODEL_DIR = "LONGROPE_MODEL_DIR"  # where `longrope prepare-model` puts the default model
 BOOKS_DIR = "LONGROPE_BOOKS_DIR"  # the public-domain books of the evaluations (default: data/books)
 SERVE_PREFIX = "LONGROPE_"  # LONGROPE_<DEST> sets any `longrope serve` flag (server/serve.py)
-# vLLM's own variables that the plugin sets when they are unset.
-V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
+CACHE_HOME = "XDG_CACHE_HOME"  # where the user's caches live (default ~/.cache)
+# vLLM's own variable that the plugin sets when it is unset.
 LONG_MAX_MODEL_LEN = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"
 
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -45,6 +45,11 @@ def model_dir() -> Path | None:
     return Path(value) if value else None
 
 
+def user_cache() -> Path:
+    """longrope-serve's folder in the user's cache, shared by every checkout (the model, vLLM's wheels)."""
+    return Path(os.environ.get(CACHE_HOME) or Path.home() / ".cache") / "longrope-serve"
+
+
 def books_dir(default: Path) -> Path:
     value = os.environ.get(BOOKS_DIR)
     return Path(value) if value else default
@@ -54,12 +59,3 @@ def allow_long_max_model_len() -> None:
     """A plain model's config stops at W0; a factor file's sets carry it to max_model_len, which vLLM
     refuses past the config unless this is set."""
     os.environ.setdefault(LONG_MAX_MODEL_LEN, "1")
-
-
-def default_to_v1_runner() -> None:
-    """The plugin drives vLLM's V1 model runner; an explicit choice of V2 is left to engine_checks to refuse."""
-    os.environ.setdefault(V2_RUNNER, "0")
-
-
-def v2_runner_setting() -> str:
-    return os.environ.get(V2_RUNNER, "unset")

@@ -23,11 +23,12 @@ OUR_MIDDLEWARE = "server.middleware.LongRopeMiddleware"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.platforms import current_platform
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parser = make_arg_parser(FlexibleArgumentParser(
+    from server.vllm_internals import load
+
+    parser = load("make_arg_parser")(FlexibleArgumentParser(
         prog="longrope serve",
         description="vLLM's OpenAI-compatible server with a factor set chosen per request. Every "
         "`vllm serve` flag works; every flag is also an environment variable LONGROPE_<DEST>."))
@@ -104,7 +105,7 @@ def serve(argv: list[str]) -> int:
     from server.vllm_internals import SERVER_INTERNALS
 
     check_internals(SERVER_INTERNALS)
-    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from server.vllm_internals import load
 
     args = build_parser().parse_args(argv)  # a bad flag exits 2 here, with argparse's message
     if args.model_tag is not None:
@@ -128,7 +129,7 @@ def serve(argv: list[str]) -> int:
 
         carry_factors(args, args.factors)
     args.middleware = [*args.middleware, OUR_MIDDLEWARE]
-    validate_parsed_serve_args(args)
+    load("validate_parsed_serve_args")(args)
     try:
         died = uvloop.run(_run(args, ladder))
     except Exception as exc:  # noqa: BLE001 - vLLM logged the details; say why, exit non-zero

@@ -1,5 +1,6 @@
-"""Helpers the tests share: the repository's root, a small valid ladder, engine results against their
-reference, `longrope serve` on loopback, its /metrics read back, a real Prometheus."""
+"""Helpers the tests share: the repository's root, a small valid ladder, an engine run under the expected model
+runner and its results against their reference, `longrope serve` on loopback, its /metrics read back, a real
+Prometheus."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from rope_ext.selftest.engine_run import run_in_process
 from rope_ext.selftest.reference import assert_greedy_matches
 from rope_ext.selftest.run import expected_set
 from server.launch import ServerDidNotStart, ServerProcess, longrope_serve
@@ -43,6 +45,20 @@ def assert_matches(got, ref, where, prompt_logprobs=True):
     """An engine_run result against its reference (see reference.assert_greedy_matches)."""
     assert_greedy_matches(ref, got["tokens"], got["token_logprobs"], where,
                           got["prompt_logprobs"] if prompt_logprobs else None)
+
+
+def run_engine(spec: dict, env: dict[str, str], workdir: Path, name: str, runner: str) -> dict:
+    """``run_in_process``, and the engine must have run under vLLM's ``runner`` model runner (the tests'
+    ``--vllm-runner``): a silent fall-back to the other runner would prove nothing about this one."""
+    out = run_in_process(spec, env, workdir, name)
+    assert out["runner"] == runner, f"engine run {name} ran under vLLM's {out['runner']} model runner, not {runner}"
+    return out
+
+
+def assert_runner(server: ServerProcess, runner: str) -> None:
+    """The server's engine shifts positions in vLLM's ``runner`` model runner (the plugin logs which, once)."""
+    log = server.log_text()
+    assert f"vLLM's {runner} model runner shifts the positions" in log, f"not under {runner}:\n{log[-3000:]}"
 
 
 def start_server(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 400) -> ServerProcess:

@@ -7,7 +7,6 @@ Serving and the tests need a transformers directory (safetensors, tokenizer, cha
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,8 +28,7 @@ def default_model_dir() -> Path:
     chosen = environment.model_dir()
     if chosen is not None:
         return chosen
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "longrope-serve" / DEFAULT_MODEL_NAME
+    return environment.user_cache() / DEFAULT_MODEL_NAME
 
 
 def gguf_path() -> Path:

@@ -22,6 +22,19 @@ from rope_ext.factors import FORMAT_VERSION, FactorSet, Ladder, ModelInfo, save_
 
 TINY_W0 = 256
 TINY_MAX_LEN = 1024
+# The vocabulary of a tiny model without a tokenizer (it takes token-id prompts, all below this). Small, because
+# sampling and logprobs cost every step in proportion to it: most of all under vLLM's V2 model runner on CPU,
+# whose Triton kernels the tests run in Triton's interpreter. With a tokenizer, the model takes its vocabulary.
+TINY_VOCAB = 4096
+
+
+def _vocab_size(tokenizer_dir: Path | None) -> int:
+    return len(AutoTokenizer.from_pretrained(tokenizer_dir)) if tokenizer_dir is not None else TINY_VOCAB
+
+
+def _save_tokenizer(tokenizer_dir: Path | None, model_dir: Path) -> None:
+    if tokenizer_dir is not None:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
 
 
 def tiny_ladder() -> Ladder:
@@ -43,13 +56,14 @@ def build_tiny_model(root: Path, tokenizer_dir: Path | None) -> tuple[Path, Path
     """(model dir, factor file, ladder) under ``root``. The config carries the ladder's short and long
     sets as a Phi-3 style longrope config, so stock vLLM and plain `vllm serve` see a longrope model too.
 
-    Without ``tokenizer_dir`` the model has no tokenizer: an engine then needs
-    ``skip_tokenizer_init`` and token-id prompts (what ``longrope selftest`` sends).
+    Without ``tokenizer_dir`` the model has no tokenizer and a vocabulary of TINY_VOCAB: an engine then needs
+    ``skip_tokenizer_init`` and token-id prompts below TINY_VOCAB (what ``longrope selftest`` and the engine
+    tests send).
     """
     ladder = tiny_ladder()
     model_dir = root / "tiny-llama"
     config = LlamaConfig(
-        vocab_size=49152,
+        vocab_size=_vocab_size(tokenizer_dir),
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
@@ -72,8 +86,7 @@ def build_tiny_model(root: Path, tokenizer_dir: Path | None) -> tuple[Path, Path
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(model_dir)
-    if tokenizer_dir is not None:
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    _save_tokenizer(tokenizer_dir, model_dir)
     factors = root / "tiny-ladder.json"
     save_ladder(ladder, factors)
     return model_dir, factors, ladder
@@ -100,18 +113,17 @@ def build_tiny_phi3(root: Path, tokenizer_dir: Path | None, real: str, layout: s
         params["partial_rotary_factor"] = phi["partial_rotary_factor"]
     if mscales is not None:
         params["short_mscale"], params["long_mscale"] = mscales
-    config = Phi3Config(vocab_size=49152, hidden_size=2 * phi["head_dim"], intermediate_size=256, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=TINY_MAX_LEN,
-                        original_max_position_embeddings=TINY_W0, initializer_range=0.2, rope_parameters=params,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = Phi3Config(vocab_size=_vocab_size(tokenizer_dir), hidden_size=2 * phi["head_dim"], intermediate_size=256,
+                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                        max_position_embeddings=TINY_MAX_LEN, original_max_position_embeddings=TINY_W0,
+                        initializer_range=0.2, rope_parameters=params, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     model = Phi3ForCausalLM(config).to(torch.float32)
     model_dir = root / f"tiny-{real}-{layout}{'-mscale' if mscales else ''}"
     model.save_pretrained(model_dir)
     if layout == "v4":
         _as_v4_layout(model_dir / "config.json")
-    if tokenizer_dir is not None:
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    _save_tokenizer(tokenizer_dir, model_dir)
     return model_dir
 
 

@@ -7,6 +7,7 @@ variables read when vLLM starts, and a fresh process frees the engine's memory w
 SPEC: {"model": dir, "engine": {LLM kwargs},
        "requests": [{"prompt_token_ids", "max_tokens", "rope_set"?, "prompt_logprobs"? (default true), "seed"?}],
        "waves": optional list of lists of request indices sent one after another}
+OUT: {"results": per request, "metrics": engine counters, "runner": the model runner vLLM chose, "V1" or "V2"}
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def run_in_process(spec: dict, env: dict[str, str], workdir: Path, name: str, ti
 
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
+
+    from rope_ext.vllm_plugin.runners import model_runner
 
     llm = LLM(model=spec["model"], **spec["engine"])
 
@@ -73,7 +76,7 @@ def run(spec: dict) -> dict:
     metrics = {}
     if spec["engine"].get("disable_log_stats") is False:  # LLM keeps no stats by default
         metrics = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
-    return {"results": results, "metrics": metrics}
+    return {"results": results, "metrics": metrics, "runner": model_runner(llm.llm_engine.vllm_config)}
 
 
 if __name__ == "__main__":

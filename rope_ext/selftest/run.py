@@ -7,7 +7,9 @@ the transformers reference for its set (``reference.compare``). With ``--model``
 for one short and one long request on that model. Each engine runs in its own process.
 
 ``--compare-modes`` runs the tiny batch under each setting a deployment may flip as well (``modes_for``):
-async scheduling off (CUDA), ngram speculation, and on CUDA a wave per batch size that its graphs pad or not.
+on CUDA async scheduling off and piecewise CUDA graphs alone, ngram speculation, and on CUDA a wave per batch
+size that its graphs pad or not. Every row names the model runner vLLM chose for its engine (V1 or V2: the
+plugin follows vLLM's choice), so a table says which runner it proved.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ MODES = {"compiled": {}, "eager": {"enforce_eager": True}}
 # It matches down to one token, so the tiny model's decodes (which seldom repeat a pair) still get drafts.
 NGRAM = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
                                 "prompt_lookup_max": 4}}
+# On CUDA vLLM's default graph mode replays full graphs for decode batches and piecewise ones for mixed batches
+# (V2 captures both itself, with the model state's inputs); this row runs piecewise graphs only, so a difference
+# in "compiled" alone points at the full graphs.
+PIECEWISE = {"compilation_config": {"cudagraph_mode": "PIECEWISE"}}
 # Decode batch sizes checked on CUDA: 1 is captured as it is, 3, 5, 17 and 33 are padded to a captured size.
 CUDA_BATCH_SIZES = (1, 3, 5, 17, 33)
 # The tiny model's groups: every set, chunked prefill (mixed) and preemption (preempting).
@@ -40,6 +46,7 @@ class Row:
     model: str
     mode: str
     set_name: str
+    runner: str = ""
     requests: int = 0
     steps: int = 0
     equal: int = 0
@@ -71,11 +78,11 @@ def expected_set(ladder: Ladder, request: dict) -> str:
 
 
 def compare_results(model: str, mode: str, ladder: Ladder, requests: list[dict], results: list[dict],
-                    references: list) -> list[Row]:
+                    references: list, runner: str = "") -> list[Row]:
     """One row per set: the requests of that set, their compared steps, equal tokens, largest |Δ logprob|."""
     from rope_ext.selftest.reference import compare
 
-    rows: dict[str, Row] = {name: Row(model, mode, name) for name in ladder.names}
+    rows: dict[str, Row] = {name: Row(model, mode, name, runner) for name in ladder.names}
     for i, (request, got, ref) in enumerate(zip(requests, results, references)):
         row = rows[expected_set(ladder, request)]
         prompt_logprobs = got["prompt_logprobs"] if request.get("prompt_logprobs", True) else None
@@ -101,12 +108,12 @@ def model_requests(ladder: Ladder, vocab_size: int) -> list[dict]:
 
 
 def modes_for(device: str, compare_modes: bool) -> dict[str, dict]:
-    """The engine settings of each mode row: compiled and eager; with ``--compare-modes`` also async scheduling
-    off (CUDA only: the CPU runner has none) and ngram speculation."""
+    """The engine settings of each mode row: compiled and eager; with ``--compare-modes`` also, on CUDA, async
+    scheduling off and piecewise graphs alone (the CPU runner has neither), and ngram speculation."""
     if not compare_modes:
         return MODES
-    no_async = {"no-async": {"async_scheduling": False}} if device == "cuda" else {}
-    return {**MODES, **no_async, "ngram": NGRAM}
+    cuda = {"no-async": {"async_scheduling": False}, "piecewise": PIECEWISE} if device == "cuda" else {}
+    return {**MODES, **cuda, "ngram": NGRAM}
 
 
 def check(model_dir: Path, factors: Path, ladder: Ladder, spec: dict, label: str, workdir: Path,
@@ -126,7 +133,8 @@ def check(model_dir: Path, factors: Path, ladder: Ladder, spec: dict, label: str
                   for r in spec["requests"]]
     rows = []
     for mode, out in outputs.items():
-        mode_rows = compare_results(label, mode, ladder, spec["requests"], out["results"], references)
+        mode_rows = compare_results(label, mode, ladder, spec["requests"], out["results"], references,
+                                    out["runner"])
         if "speculative_config" in modes[mode]:
             require_drafts(mode_rows, out["metrics"])
         rows += mode_rows
@@ -151,7 +159,7 @@ def tiny_check(workdir: Path, progress: Progress, parallel: dict, compare_modes:
 
     progress("building the tiny three-set model")
     model_dir, factors, ladder = build_tiny_model(workdir, None)
-    engine = {**ENGINE, "skip_tokenizer_init": True}
+    engine = ENGINE
     spec, _ = engine_spec(str(model_dir), engine, only=TINY_GROUPS)
     device = engine_device()
     rows = check(model_dir, factors, ladder, spec, "tiny", workdir, progress, parallel,
@@ -185,9 +193,10 @@ def model_check(model_dir: Path, workdir: Path, progress: Progress, parallel: di
 
 
 def print_table(rows: list[Row]) -> None:
-    print(f"{'model':<16} {'mode':<14} {'set':<10} {'requests':>8} {'tokens equal':>13} {'max |Δ logprob|':>16} pass")
+    print(f"{'model':<16} {'mode':<14} {'runner':<6} {'set':<10} {'requests':>8} {'tokens equal':>13} "
+          f"{'max |Δ logprob|':>16} pass")
     for row in rows:
-        print(f"{row.model[:16]:<16} {row.mode:<14} {row.set_name[:10]:<10} {row.requests:>8} "
+        print(f"{row.model[:16]:<16} {row.mode:<14} {row.runner:<6} {row.set_name[:10]:<10} {row.requests:>8} "
               f"{f'{row.equal}/{row.steps}':>13} {row.max_delta:>16.2e} {'yes' if row.passed else 'NO'}")
     for row in rows:
         if row.problem or row.note:

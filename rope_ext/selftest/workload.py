@@ -1,10 +1,14 @@
-"""The requests the tiny-model engine runs, in waves, and the engine settings they share."""
+"""The requests the tiny-model engine runs, in waves, and the engine settings they share.
+
+Prompts are token ids below TINY_VOCAB: the engine runs the tiny model without a tokenizer
+(``skip_tokenizer_init``), whose vocabulary is that small.
+"""
 
 from __future__ import annotations
 
 import random
 
-from rope_ext.models.tiny import TINY_MAX_LEN
+from rope_ext.models.tiny import TINY_MAX_LEN, TINY_VOCAB
 
 ENGINE = {
     "dtype": "float32",
@@ -18,13 +22,14 @@ ENGINE = {
     "enable_prefix_caching": True,
     "disable_log_stats": False,
     "seed": 0,
+    "skip_tokenizer_init": True,  # token-id prompts; the tiny model has no tokenizer
 }
 
 PREFIX_TOKENS = 400
 
 
 def _prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(100, 49000) for _ in range(n)]
+    return [rng.randrange(100, TINY_VOCAB) for _ in range(n)]
 
 
 def prefix_waves() -> list[list[dict]]:
@@ -59,10 +64,11 @@ def mixed_batch() -> list[dict]:
 def preempting_batch() -> list[dict]:
     """Four long decodes (350 tokens, 11 blocks each) of two sets that outgrow the cache together.
 
-    Seed 9: the first whose four references have no near-tie (reference.py) in their first 110
-    steps, so more than half of each decode is compared (seed 1 met exact ties at steps 30-145).
+    Seed 3: the first whose four references have no near-tie (reference.py) in their first 110
+    steps, so more than half of each decode is compared (their first near-tie: step 184 of one,
+    none in the others; seeds 0-2 met one at steps 8-102).
     """
-    rng = random.Random(9)
+    rng = random.Random(3)
     return [
         {"prompt_token_ids": _prompt(rng, 150), "max_tokens": 200, "rope_set": name}
         for name in ("mid", "long", "mid", "long")

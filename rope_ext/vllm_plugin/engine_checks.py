@@ -12,8 +12,13 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from vllm.logger import init_logger
+
 from rope_ext import environment
 from rope_ext.vllm_plugin.model_ladder import ladder_for_engine
+from rope_ext.vllm_plugin.vllm_internals import check_supported
+
+logger = init_logger("vllm.longrope")  # a child of vLLM's logger, so vLLM's logging prints it
 
 
 class UnsupportedEngine(RuntimeError):
@@ -27,7 +32,11 @@ MODEL_FREE_SPECULATION = ("ngram", "ngram_gpu", "suffix")
 def check_engine(vllm_config: Any) -> None:
     """Raise UnsupportedEngine when this engine cannot rotate each request with its own set."""
     model_config = vllm_config.model_config
-    if model_config is None or ladder_for_engine(vllm_config) is None:
+    if model_config is None:
+        return
+    if ladder_for_engine(vllm_config) is None:
+        logger.info("longrope plugin: %s has no ladder (no %s, no longrope config in the model): stock vLLM serves it",
+                    model_config.model, environment.FACTORS)
         return
     if model_config.uses_mrope or model_config.is_multimodal_model:
         raise UnsupportedEngine(
@@ -49,12 +58,12 @@ def check_engine(vllm_config: Any) -> None:
             f"rotation. Use a model-free method ({', '.join(MODEL_FREE_SPECULATION)}), drop --speculative-config, "
             f"or switch the plugin off with {environment.PLUGIN}=0"
         )
-    if vllm_config.use_v2_model_runner:
+    if vllm_config.parallel_config.prefill_context_parallel_size > 1:
         raise UnsupportedEngine(
-            f"longrope plugin: vLLM's V2 model runner is selected ({environment.V2_RUNNER}="
-            f"{environment.v2_runner_setting()}, or a feature that requires V2 such as HiSparse attention or "
-            f"watermarking), and the plugin drives the V1 runner only: every request would get stock RoPE. Set "
-            f"{environment.V2_RUNNER}=0 and drop those features, or switch the plugin off with {environment.PLUGIN}=0"
+            "longrope plugin: prefill context parallelism (--prefill-context-parallel-size "
+            f"{vllm_config.parallel_config.prefill_context_parallel_size}) splits a request's tokens across ranks, "
+            "and the plugin has not been proven on it. Drop it, or switch the plugin off with "
+            f"{environment.PLUGIN}=0"
         )
 
 
@@ -68,3 +77,23 @@ def checked_at_start(init: Callable[..., None]) -> Callable[..., None]:
 
     init_checked.__longrope__ = True  # type: ignore[attr-defined]
     return init_checked
+
+
+def refusing_unsupported_vllm(init: Callable[..., None], version: str) -> Callable[..., None]:
+    """Wrap ``InputProcessor.__init__`` on a vLLM the plugin does not support: refuse an engine with a ladder
+    (the plugin would have to act on it), let any other start as stock vLLM."""
+
+    @functools.wraps(init)
+    def init_unless_acting(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            acting = ladder_for_engine(vllm_config) is not None
+        except AttributeError:  # a config we cannot read: a factor file still says a ladder was asked for
+            acting = environment.factor_file() is not None
+        if acting:
+            check_supported(version)
+        logger.info("longrope plugin: vLLM %s is not one it supports, and this engine has no ladder: stock vLLM "
+                    "serves it", version)
+        init(self, vllm_config, *args, **kwargs)
+
+    init_unless_acting.__longrope__ = True  # type: ignore[attr-defined]
+    return init_unless_acting

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rope_ext.models.tiny import TINY_MAX_LEN
-from tests.helpers import start_server, stop_server
+from tests.helpers import assert_runner, start_server, stop_server
 
 API_KEY = "test-key-1"
 
@@ -26,7 +26,7 @@ def smollm2_server(smollm2_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tiny_model, tmp_path_factory):
+def tiny_server(tiny_model, vllm_runner, tmp_path_factory):
     """The tiny Llama (W0 = 256) with its three-step ladder, policy dynamic: promotions happen, prepared by side
     prefills; the window start rule, so that where a request starts does not hang on the measured rates."""
     model_dir, factors, _ = tiny_model
@@ -37,5 +37,6 @@ def tiny_server(tiny_model, tmp_path_factory):
          "--rope-start-rule", "window"],
         log, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )
+    assert_runner(server, vllm_runner)
     yield server
     stop_server(server)

@@ -43,6 +43,7 @@ def client(tiny_server):
     return openai.OpenAI(base_url=tiny_server.v1, api_key="unused", max_retries=0)
 
 
+@pytest.mark.engine  # under vLLM's V2 runner too (scripts/test.sh)
 def test_promoted_completion_equals_switching_reference(client, tiny_reference, prompt, switched):
     raw = client.completions.with_raw_response.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS,
                                                       temperature=0, logprobs=0)
@@ -102,6 +103,7 @@ def test_stop_string_straddling_the_switch_still_stops(client, tiny_model, promp
     assert choice.model_extra["rope_promotions"][0]["at_tokens"] == SWITCH_AT
 
 
+@pytest.mark.engine  # under vLLM's V2 runner too (scripts/test.sh)
 def test_the_switch_finds_what_side_prefills_put_in_the_prefix_cache(client, tiny_server, prompt, switched):
     """Side prefills (on by default) prefilled the mid set before the window: the continuation's prefill finds
     their blocks in vLLM's prefix cache, and the output is still the switching reference's."""

@@ -15,11 +15,11 @@ from tests.helpers import REPO
 
 
 @pytest.mark.engine
-def test_selftest_passes_on_this_machine(smollm2_dir, tmp_path):
+def test_selftest_passes_on_this_machine(vllm_runner, tmp_path):
     """--compare-modes: the tiny three-set batch compiled, eager and with ngram speculation (drafts proposed);
     then --model on a Phi-4-mini shaped model (partial rotary 0.75, its config in transformers v4 layout, as the
     real one ships) with its own longrope config as the ladder: a short and a long request."""
-    phi = build_tiny_phi3(tmp_path, smollm2_dir, "phi-4-mini-instruct", "v4")
+    phi = build_tiny_phi3(tmp_path, None, "phi-4-mini-instruct", "v4")
     env = {k: v for k, v in os.environ.items() if k != "LONGROPE_FACTORS"}
     result = subprocess.run(
         [Path(sys.executable).with_name("longrope"), "selftest", "--compare-modes", "--model", str(phi),
@@ -28,7 +28,8 @@ def test_selftest_passes_on_this_machine(smollm2_dir, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.endswith((" yes", " NO"))]
-    table = {(model, mode, set_name): passed for model, mode, set_name, *_, passed in rows}
+    table = {(model, mode, set_name): passed for model, mode, _, set_name, *_, passed in rows}
+    assert {runner for _, _, runner, *_ in rows} == {vllm_runner}, result.stdout
     assert {mode for model, mode, _ in table if model == "tiny"} == {"compiled", "eager", "ngram"}  # no async on CPU
     for mode in ("compiled", "eager", "ngram"):
         for set_name in ("short", "mid", "long"):
@@ -40,14 +41,29 @@ def test_selftest_passes_on_this_machine(smollm2_dir, tmp_path):
     assert "selftest passed" in result.stdout
 
 
+@pytest.mark.engine
+def test_the_model_check_passes_on_a_phi35_shape_in_the_v5_layout(vllm_runner, tmp_path, monkeypatch):
+    """The selftest's --model check on the other Phi shape: full rotary (Phi-3.5-mini's head_dim 96), its config
+    in transformers' v5 layout, with short and long mscales, its own longrope config the ladder."""
+    from rope_ext.selftest.run import Progress, model_check
+
+    monkeypatch.delenv("LONGROPE_FACTORS", raising=False)
+    phi = build_tiny_phi3(tmp_path, None, "phi-3.5-mini-instruct", "v5", (1.05, 1.25))
+    (tmp_path / "work").mkdir()
+    rows = model_check(phi, tmp_path / "work", Progress(), {})
+    assert {(row.mode, row.set_name) for row in rows} == {(m, s) for m in MODES for s in ("short", "long")}
+    for row in rows:
+        assert row.passed and row.runner == vllm_runner, row
+
+
 @pytest.mark.unit
-def test_a_request_rotated_with_another_set_fails_its_row(tiny_model, tiny_reference):
+def test_a_request_rotated_with_another_set_fails_its_row(tiny_engine_model, tiny_engine_reference):
     """The table can fail: short requests whose engine output is the long set's get pass = no."""
-    ladder = tiny_model[2]
+    ladder = tiny_engine_model[2]
     requests = [r for r in mixed_batch()
                 if len(r["prompt_token_ids"]) + r["max_tokens"] <= TINY_W0 and "rope_set" not in r]
-    expected = [tiny_reference.run(r["prompt_token_ids"], r["max_tokens"], "short") for r in requests]
-    wrong = [tiny_reference.run(r["prompt_token_ids"], r["max_tokens"], "long") for r in requests]
+    expected = [tiny_engine_reference.run(r["prompt_token_ids"], r["max_tokens"], "short") for r in requests]
+    wrong = [tiny_engine_reference.run(r["prompt_token_ids"], r["max_tokens"], "long") for r in requests]
     results = [{"tokens": w.tokens, "token_logprobs": w.token_logprobs, "prompt_logprobs": w.prompt_logprobs}
                for w in wrong]
     rows = compare_results("tiny", "eager", ladder, requests, results, expected)
@@ -60,12 +76,14 @@ def test_a_request_rotated_with_another_set_fails_its_row(tiny_model, tiny_refer
 
 @pytest.mark.unit
 def test_compare_modes_add_what_the_device_has():
-    """Async scheduling exists on CUDA only; ngram speculation everywhere; without the flag, compiled and eager."""
+    """Async scheduling and CUDA graphs exist on CUDA only; ngram speculation everywhere; without the flag,
+    compiled and eager."""
     assert modes_for("cpu", False) == modes_for("cuda", False) == MODES == {"compiled": {},
                                                                            "eager": {"enforce_eager": True}}
     assert list(modes_for("cpu", True)) == ["compiled", "eager", "ngram"]
-    assert list(modes_for("cuda", True)) == ["compiled", "eager", "no-async", "ngram"]
+    assert list(modes_for("cuda", True)) == ["compiled", "eager", "no-async", "piecewise", "ngram"]
     assert modes_for("cuda", True)["no-async"] == {"async_scheduling": False}
+    assert modes_for("cuda", True)["piecewise"] == {"compilation_config": {"cudagraph_mode": "PIECEWISE"}}
     assert modes_for("cpu", True)["ngram"]["speculative_config"]["method"] == "ngram"
 
 

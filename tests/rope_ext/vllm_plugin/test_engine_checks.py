@@ -5,18 +5,16 @@ import json
 
 import pytest
 
-from rope_ext.models.tiny import TINY_MAX_LEN
-from rope_ext.selftest.engine_run import EngineRunFailed, run_in_process
-
 
 def _engine_config(hf_config: dict, uses_mrope=False, is_multimodal_model=False, use_mla=False,
-                   use_v2_model_runner=False, speculative: str | None = None):
+                   speculative: str | None = None, prefill_context_parallel_size: int = 1):
     """The parts of a VllmConfig that engine_checks reads."""
     from types import SimpleNamespace
 
     model = SimpleNamespace(hf_config=hf_config, model="m", uses_mrope=uses_mrope, use_mla=use_mla,
                             is_multimodal_model=is_multimodal_model)
-    return SimpleNamespace(model_config=model, use_v2_model_runner=use_v2_model_runner,
+    return SimpleNamespace(model_config=model, additional_config={},
+                           parallel_config=SimpleNamespace(prefill_context_parallel_size=prefill_context_parallel_size),
                            speculative_config=SimpleNamespace(method=speculative) if speculative else None)
 
 
@@ -24,7 +22,7 @@ def _engine_config(hf_config: dict, uses_mrope=False, is_multimodal_model=False,
 @pytest.mark.parametrize("setting,message", [
     ({"uses_mrope": True}, "multimodal or uses M-RoPE"),
     ({"is_multimodal_model": True}, "multimodal or uses M-RoPE"),
-    ({"use_v2_model_runner": True}, "V2 model runner is selected"),
+    ({"prefill_context_parallel_size": 2}, r"prefill context parallelism \(--prefill-context-parallel-size 2\)"),
     ({"use_mla": True}, "multi-head latent attention"),
     ({"speculative": "eagle3"},
      r"draft model \(method 'eagle3'\).*Use a model-free method \(ngram, ngram_gpu, suffix\)"),
@@ -50,16 +48,3 @@ def test_model_free_speculation_is_allowed(tiny_model, monkeypatch, method):
 
     monkeypatch.delenv("LONGROPE_FACTORS", raising=False)
     check_engine(_engine_config(json.loads((tiny_model[0] / "config.json").read_text()), speculative=method))
-
-
-@pytest.mark.engine
-def test_v2_model_runner_stops_the_engine(tiny_model, tmp_path):
-    """An explicit VLLM_USE_V2_MODEL_RUNNER=1 beats the plugin's default. On this CPU vLLM itself
-    refuses V2 (no Triton CPU backend); on CUDA the plugin's check below stops it."""
-    model_dir, factors, _ = tiny_model
-    engine = {"dtype": "float32", "max_model_len": TINY_MAX_LEN, "enforce_eager": True}
-    spec = {"model": str(model_dir), "engine": engine, "requests": []}
-    with pytest.raises(EngineRunFailed) as info:
-        run_in_process(spec, {"LONGROPE_FACTORS": str(factors), "VLLM_USE_V2_MODEL_RUNNER": "1"}, tmp_path, "v2")
-    assert ("V2 model runner is selected (VLLM_USE_V2_MODEL_RUNNER=1" in str(info.value)
-            or "Model Runner V2 requires Triton" in str(info.value))

@@ -10,17 +10,16 @@ Then the same batch on stock vLLM (plugin off) gives the short requests other re
 
 import pytest
 
-from rope_ext.selftest.engine_run import run_in_process
 from rope_ext.selftest.reference import LOGPROB_TOLERANCE
 from rope_ext.selftest.workload import ENGINE, mixed_batch
-from tests.helpers import assert_matches, expected_for
+from tests.helpers import assert_matches, expected_for, run_engine
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def expected_mixed(tiny_model, tiny_reference):
-    return [expected_for(tiny_model[2], tiny_reference, req) for req in mixed_batch()]
+def expected_mixed(tiny_engine_model, tiny_engine_reference):
+    return [expected_for(tiny_engine_model[2], tiny_engine_reference, req) for req in mixed_batch()]
 
 
 def test_batch_covers_every_set(expected_mixed):
@@ -33,19 +32,20 @@ def test_each_request_equals_its_reference_alone(plugin_engine, expected_mixed):
         assert_matches(got, ref, f"request {i} ({set_name})")
 
 
-def test_preempted_requests_equal_their_references(plugin_engine, tiny_model, tiny_reference):
+def test_preempted_requests_equal_their_references(plugin_engine, tiny_engine_model, tiny_engine_reference):
     assert plugin_engine["metrics"]["vllm:num_preemptions"] > 0
     for i in plugin_engine["groups"]["preempting"]:
         req = plugin_engine["requests"][i]
-        set_name, ref = expected_for(tiny_model[2], tiny_reference, req)
+        set_name, ref = expected_for(tiny_engine_model[2], tiny_engine_reference, req)
         assert_matches(plugin_engine["results"][i], ref, f"request {i} ({set_name})")
 
 
-def test_stock_vllm_gives_short_requests_other_results(tiny_model, expected_mixed, tmp_path_factory):
-    """Plugin off: vLLM 0.32 uses the long factors for every request once max_model_len > W0."""
-    model_dir, _, _ = tiny_model
+def test_stock_vllm_gives_short_requests_other_results(tiny_engine_model, expected_mixed, vllm_runner,
+                                                       tmp_path_factory):
+    """Plugin off: vLLM uses the long factors for every request once max_model_len > W0."""
+    model_dir, _, _ = tiny_engine_model
     spec = {"model": str(model_dir), "engine": {**ENGINE, "enforce_eager": True}, "requests": mixed_batch()}
-    stock = run_in_process(spec, {"LONGROPE_PLUGIN": "0"}, tmp_path_factory.mktemp("stock"), "stock")
+    stock = run_engine(spec, {"LONGROPE_PLUGIN": "0"}, tmp_path_factory.mktemp("stock"), "stock", vllm_runner)
     short = [(ref, got) for (name, ref), got in zip(expected_mixed, stock["results"]) if name == "short"]
     assert short
     for ref, got in short:

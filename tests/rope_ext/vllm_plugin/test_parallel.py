@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from rope_ext.selftest.engine_run import run_in_process
 from rope_ext.selftest.run import compare_results, expected_set
 from rope_ext.selftest.workload import ENGINE, engine_spec
+from tests.helpers import run_engine
 
 pytestmark = pytest.mark.engine
 
@@ -24,14 +24,15 @@ pytestmark = pytest.mark.engine
     ("tp2-eager", {"tensor_parallel_size": 2, "enforce_eager": True}),
     ("pp2-compiled", {"pipeline_parallel_size": 2}),
 ])
-def test_every_request_keeps_its_set_across_workers(tiny_model, tiny_reference, tmp_path, name, parallel):
-    model_dir, factors, ladder = tiny_model
+def test_every_request_keeps_its_set_across_workers(tiny_engine_model, tiny_engine_reference, vllm_runner, tmp_path,
+                                                   name, parallel):
+    model_dir, factors, ladder = tiny_engine_model
     cpus = sorted(os.sched_getaffinity(0))
     assert len(cpus) >= 2, "two workers on CPU need two cores, one each"
     spec, _ = engine_spec(str(model_dir), {**ENGINE, **parallel}, only=("mixed",))
-    out = run_in_process(spec, {"LONGROPE_FACTORS": str(factors), "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"},
-                         tmp_path, name)
-    references = [tiny_reference.run(r["prompt_token_ids"], r["max_tokens"], expected_set(ladder, r))
+    out = run_engine(spec, {"LONGROPE_FACTORS": str(factors), "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"},
+                     tmp_path, name, vllm_runner)
+    references = [tiny_engine_reference.run(r["prompt_token_ids"], r["max_tokens"], expected_set(ladder, r))
                   for r in spec["requests"]]
     rows = compare_results("tiny", name, ladder, spec["requests"], out["results"], references)
     assert {row.set_name for row in rows} == {"short", "mid", "long"}

@@ -8,7 +8,7 @@ from tests.helpers import assert_matches, expected_for
 pytestmark = pytest.mark.engine
 
 
-def test_shared_prefix_hits_only_within_its_set(plugin_engine, tiny_model, tiny_reference):
+def test_shared_prefix_hits_only_within_its_set(plugin_engine, tiny_engine_model, tiny_engine_reference):
     first_mid, second_long, second_mid = (plugin_engine["results"][i] for i in plugin_engine["groups"]["prefix"])
     block = 32
     assert first_mid["num_cached_tokens"] == 0
@@ -19,8 +19,8 @@ def test_shared_prefix_hits_only_within_its_set(plugin_engine, tiny_model, tiny_
     assert plugin_engine["metrics"]["vllm:prefix_cache_hits"] == reported
 
 
-def test_prefix_requests_equal_their_references(plugin_engine, tiny_model, tiny_reference):
+def test_prefix_requests_equal_their_references(plugin_engine, tiny_engine_model, tiny_engine_reference):
     for i in plugin_engine["groups"]["prefix"]:
         req = plugin_engine["requests"][i]
-        set_name, ref = expected_for(tiny_model[2], tiny_reference, req)
+        set_name, ref = expected_for(tiny_engine_model[2], tiny_engine_reference, req)
         assert_matches(plugin_engine["results"][i], ref, f"request {i} ({set_name})", prompt_logprobs=False)

@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 from longrope.cli import main
 from rope_ext.factors import load_ladder
 from rope_ext.research.corpus import BOOKS_DIR, book_text
-from rope_ext.selftest.engine_run import run_in_process
 from rope_ext.selftest.reference import ReferenceModel, assert_greedy_matches
+from tests.helpers import run_engine
 
 pytestmark = pytest.mark.engine
 
@@ -43,7 +43,7 @@ def plain_answer(smollm2_dir, prompts, factors):
 
 
 @pytest.fixture(scope="module")
-def engine_answers(smollm2_dir, prompts, factors, tmp_path_factory):
+def engine_answers(smollm2_dir, prompts, factors, vllm_runner, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smollm2")
     _, short, long = prompts
     requests = [
@@ -54,7 +54,8 @@ def engine_answers(smollm2_dir, prompts, factors, tmp_path_factory):
     engine = {"dtype": "float32", "enforce_eager": True, "max_model_len": 16384, "enable_prefix_caching": False,
               "max_num_batched_tokens": 2048, "seed": 0}
     spec = {"model": str(smollm2_dir), "engine": engine, "requests": requests, "waves": [[0], [1, 2]]}
-    return run_in_process(spec, {"LONGROPE_FACTORS": str(factors), "VLLM_CPU_KVCACHE_SPACE": "2"}, tmp, "smollm2")
+    return run_engine(spec, {"LONGROPE_FACTORS": str(factors), "VLLM_CPU_KVCACHE_SPACE": "2"}, tmp, "smollm2",
+                      vllm_runner)
 
 
 def test_short_answer_is_the_plain_models(engine_answers, plain_answer, prompts):

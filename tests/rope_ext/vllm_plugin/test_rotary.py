@@ -1,7 +1,6 @@
-"""The worker side: rotary modules swapped for the ladder's, refused where one table cannot stand for them,
-and the per-step offsets (rope_ext/vllm_plugin/runner.py)."""
+"""The model side, shared by both runners: rotary modules swapped for the ladder's, refused where one table
+cannot stand for them (rope_ext/vllm_plugin/rotary.py)."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,7 +26,7 @@ def vllm_context():
 @pytest.mark.unit
 def test_rotary_modules_that_differ_are_refused(tiny_model, vllm_context):
     """Local and global RoPE bases in one model: one ladder cannot replace both."""
-    from rope_ext.vllm_plugin.runner import swap_rotary
+    from rope_ext.vllm_plugin.rotary import swap_rotary
 
     ladder = tiny_model[2]
     alike = torch.nn.Sequential(_rotary_layer(10000.0), _rotary_layer(10000.0))
@@ -42,8 +41,7 @@ def test_rotary_modules_that_differ_are_refused(tiny_model, vllm_context):
 def test_only_the_language_models_rotary_modules_are_swapped(tiny_model, vllm_context):
     from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
-    from rope_ext.vllm_plugin.rotary import LadderRotaryEmbedding
-    from rope_ext.vllm_plugin.runner import swap_rotary
+    from rope_ext.vllm_plugin.rotary import LadderRotaryEmbedding, swap_rotary
 
     class Multimodal(torch.nn.Module):
         def __init__(self):
@@ -64,7 +62,7 @@ def test_only_the_language_models_rotary_modules_are_swapped(tiny_model, vllm_co
 def test_mla_style_rotary_is_refused(tiny_model, vllm_context):
     from vllm.model_executor.layers.rotary_embedding.deepseek_scaling_rope import DeepseekScalingRotaryEmbedding
 
-    from rope_ext.vllm_plugin.runner import swap_rotary
+    from rope_ext.vllm_plugin.rotary import swap_rotary
 
     layer = torch.nn.Module()
     layer.rotary_emb = DeepseekScalingRotaryEmbedding(64, 64, 1024, 10000.0, True, 4.0, torch.float32)
@@ -77,7 +75,7 @@ def test_mla_style_rotary_is_refused(tiny_model, vllm_context):
 def test_a_module_that_kept_the_stock_table_is_refused(tiny_model, vllm_context, keep):
     """Model code that took the cos/sin table (or a view of it) at init would rotate with it after the swap;
     a copy is its own storage and a clean model passes."""
-    from rope_ext.vllm_plugin.runner import swap_rotary
+    from rope_ext.vllm_plugin.rotary import swap_rotary
 
     ladder = tiny_model[2]
     model = torch.nn.Sequential(_rotary_layer(10000.0), _rotary_layer(10000.0))
@@ -100,22 +98,3 @@ def test_a_module_that_kept_the_stock_table_is_refused(tiny_model, vllm_context,
     copied[0].fused_rope = torch.nn.Module()
     copied[0].fused_rope.register_buffer("cos_sin", copied[0].rotary_emb.cos_sin_cache.clone(), persistent=False)
     assert swap_rotary(copied, ladder, 1024, torch.float32) == 1
-
-
-@pytest.mark.unit
-def test_a_device_offset_buffer_is_zeroed_past_the_steps_tokens_every_step():
-    """Sleep mode level 2 hands the device buffer back uninitialised: padding slots must still read set 0.
-    (A second CPU tensor stands for the device buffer; the runner treats any buffer but its own as one.)"""
-    from types import SimpleNamespace
-
-    from rope_ext.vllm_plugin.runner import PerRequestSetsMixin
-
-    runner = PerRequestSetsMixin()
-    runner._rope_rows = 100
-    runner._rope_offsets_cpu = torch.zeros(16, dtype=torch.int64)
-    runner._rope_offsets_np = runner._rope_offsets_cpu.numpy()
-    runner._rope_offsets = torch.full((16,), 987654, dtype=torch.int64)  # what a woken-up buffer may hold
-    runner._rope_set_of = {"a": 2, "b": 1}
-    runner.input_batch = SimpleNamespace(req_ids=["a", "b"])
-    runner._fill_rope_offsets(np.array([3, 2]))
-    assert runner._rope_offsets.tolist() == [200] * 3 + [100] * 2 + [0] * 11

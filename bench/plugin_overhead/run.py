@@ -7,6 +7,10 @@ ladder (plain RoPE to 8192, YaRN to 16384); every request in it runs in the shor
 through the stacked table and per-token offsets, so what is measured is the mechanism's cost.
 
     .venv/bin/python -m bench.plugin_overhead.run   # eager and compiled; writes bench/plugin_overhead/results.json
+
+``--runner V2`` runs both engines under vLLM's V2 model runner, its Triton kernels in Triton's interpreter
+(tests/v2_on_cpu.py): the same arrangement for stock and plugin, so the ratio is the plugin's, not the
+interpreter's. Every engine reports the runner it used.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def measure(model: str, enforce_eager: bool, repeats: int) -> dict:
     """Runs inside the engine's process: median seconds for the prefill and the decode batch."""
     from vllm import LLM, SamplingParams
 
+    from rope_ext.vllm_plugin.runners import model_runner
+
     llm = LLM(model=model, enforce_eager=enforce_eager, **ENGINE)
 
     def prompts(n: int, length: int, salt: int) -> list[dict]:
@@ -56,6 +62,7 @@ def measure(model: str, enforce_eager: bool, repeats: int) -> dict:
         "decode_tokens_per_s": DECODE["requests"] * DECODE["new"] / statistics.median(decode_s),
         "prefill_s": prefill_s,
         "decode_s": decode_s,
+        "runner": model_runner(llm.llm_engine.vllm_config),
     }
 
 
@@ -71,9 +78,13 @@ def bench_ladder(model: Path) -> Path:
 
 
 def run_engine(mode: str, model: str, factors: str, eager: bool, repeats: int,
-               module: str = "bench.plugin_overhead.run") -> dict:
+               module: str = "bench.plugin_overhead.run", runner: str = "V1") -> dict:
     """``module --measure`` in a fresh process, as the stock or the plugin engine; its RESULT line."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    if runner == "V2":
+        from tests.v2_on_cpu import v2_environment
+
+        env.update(v2_environment(env))
     if mode == "plugin":
         env["LONGROPE_FACTORS"] = factors
         env.pop("LONGROPE_PLUGIN", None)
@@ -88,10 +99,13 @@ def run_engine(mode: str, model: str, factors: str, eager: bool, repeats: int,
     if out.returncode != 0:
         raise SystemExit(f"{mode} engine failed:\n{out.stderr[-5000:]}")
     line = next(line for line in reversed(out.stdout.splitlines()) if line.startswith(MARK))
-    return json.loads(line[len(MARK):])
+    result = json.loads(line[len(MARK):])
+    if result.get("runner", runner) != runner:
+        raise SystemExit(f"{mode} engine ran under vLLM's {result['runner']} model runner, not {runner}")
+    return result
 
 
-def compare(model: Path, factors: Path, eager: bool, rounds: int, repeats: int) -> dict:
+def compare(model: Path, factors: Path, eager: bool, rounds: int, repeats: int, runner: str = "V1") -> dict:
     """Stock and plugin engines alternating for ``rounds``; the best engine of each kind kept.
 
     The order flips every round (stock, plugin, plugin, stock, ...) so that a drift of the
@@ -102,7 +116,7 @@ def compare(model: Path, factors: Path, eager: bool, rounds: int, repeats: int) 
     for r in range(rounds):
         for mode in ("stock", "plugin") if r % 2 == 0 else ("plugin", "stock"):
             print(f"{label} round {r + 1}/{rounds}: {mode} engine ...", file=sys.stderr, flush=True)
-            runs[mode].append(run_engine(mode, str(model), str(factors), eager, repeats))
+            runs[mode].append(run_engine(mode, str(model), str(factors), eager, repeats, runner=runner))
             print(f"  {runs[mode][-1]['prefill_tokens_per_s']:.0f} prefill tok/s, "
                   f"{runs[mode][-1]['decode_tokens_per_s']:.1f} decode tok/s", file=sys.stderr, flush=True)
 
@@ -110,7 +124,8 @@ def compare(model: Path, factors: Path, eager: bool, rounds: int, repeats: int) 
         return max(run[key] for run in runs[mode])
 
     ratios = {key: best("plugin", key) / best("stock", key) for key in ("prefill_tokens_per_s", "decode_tokens_per_s")}
-    return {"engine": {**ENGINE, "enforce_eager": eager}, "runs": runs, "ratio_plugin_over_stock": ratios}
+    return {"engine": {**ENGINE, "enforce_eager": eager}, "runner": runner, "runs": runs,
+            "ratio_plugin_over_stock": ratios}
 
 
 def main() -> None:
@@ -119,6 +134,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each batch per engine")
     parser.add_argument("--rounds", type=int, default=3, help="stock/plugin engine pairs per mode, alternating")
     parser.add_argument("--modes", default="eager,compiled", help="eager, compiled (vLLM's default), or both")
+    parser.add_argument("--runner", choices=("V1", "V2"), default="V1",
+                        help="vLLM's model runner for both engines (V2: Triton's interpreter, tests/v2_on_cpu.py)")
     parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)  # for --measure
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
@@ -132,12 +149,14 @@ def main() -> None:
     factors = bench_ladder(model)
     modes = args.modes.split(",")
     result = {
-        "command": f"python -m bench.plugin_overhead.run --modes {args.modes} --rounds {args.rounds}",
+        "command": f"python -m bench.plugin_overhead.run --modes {args.modes} --rounds {args.rounds} "
+                   f"--repeats {args.repeats} --runner {args.runner}",
         "date": date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "prefill_batch": PREFILL,
         "decode_batch": DECODE,
-        "modes": {mode: compare(model, factors, mode == "eager", args.rounds, args.repeats) for mode in modes},
+        "modes": {mode: compare(model, factors, mode == "eager", args.rounds, args.repeats, args.runner)
+                  for mode in modes},
         "target": ">= 0.99 for both",
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")

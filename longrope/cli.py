@@ -193,6 +193,18 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return selftest(args.model, args.workdir, parallel, args.compare_modes)
 
 
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """0 when ``args.url`` answers HTTP 200 within the timeout, else 1: for container health checks."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(args.url, timeout=args.timeout) as response:
+            return 0 if response.status == 200 else 1
+    except OSError as exc:  # refused, timed out, or an HTTP error status
+        print(f"{args.url}: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_check_vllm(args: argparse.Namespace) -> int:
     """Every vLLM name longrope-serve uses, against vLLM sources read without importing them: 0 if all are there."""
     from rope_ext import environment
@@ -345,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the tiny batch with ngram speculation, and on CUDA with async scheduling off "
                    "and at decode batch sizes 1, 3, 5, 17 and 33 (padded and unpadded CUDA graphs)")
     p.set_defaults(func=cmd_selftest)
+    p = sub.add_parser("healthcheck", help="exit 0 when URL answers HTTP 200 (the images' HEALTHCHECK)")
+    p.add_argument("url", help="e.g. http://127.0.0.1:8000/health")
+    p.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for the answer")
+    p.set_defaults(func=cmd_healthcheck)
     p = sub.add_parser("check-vllm", help="the porting-surface check: every vLLM name longrope-serve uses, with the "
                        "parameters it passes, against vLLM sources read without importing them; exit 1 naming any "
                        "that is missing")

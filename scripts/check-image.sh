@@ -82,7 +82,7 @@ build_start=$(date +%s)
 say "built in $(($(date +%s) - build_start))s, $("${podman[@]}" image inspect -f '{{.Size}}' "$image" | awk '{printf "%.2f GB", $1/1e9}')"
 
 # ---- run with the default command; a loopback port the HEALTHCHECK must follow ----
-port=$(python3 -c 'from server.probe import free_port; print(free_port())')
+port=$(python3 -c 'from harness.servers import free_port; print(free_port())')
 run_start=$(date +%s)
 # (podman logs errors when it finds no systemd to time health checks with; they change nothing:
 # the HEALTHCHECK is run by hand below)
@@ -98,7 +98,7 @@ import sys
 import time
 import urllib.request
 
-from server.probe import wait_until_ok
+from harness.servers import wait_until_ok
 
 base, started = f"http://127.0.0.1:{sys.argv[1]}", float(sys.argv[2])
 

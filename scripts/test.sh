@@ -2,7 +2,7 @@
 # Installs everything (scripts/setup.sh) plus Debian's prometheus (the metrics tests scrape the
 # live server with a real Prometheus), then runs the whole test suite under the model runner vLLM
 # picks on this CPU (V1), and the engine tests again under vLLM's V2 model runner, its Triton kernels
-# in Triton's interpreter (tests/v2_on_cpu.py): all but SmolLM2's, whose 49152-token vocabulary makes
+# in Triton's interpreter (harness/v2_on_cpu.py): all but SmolLM2's, whose 49152-token vocabulary makes
 # the interpreted sampling kernels take minutes (the tiny models prove the same under V2). With
 # arguments, only `pytest ARGS` runs (add --vllm-runner V2 for the V2 runner).
 set -euo pipefail

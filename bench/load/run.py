@@ -29,8 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from harness.servers import longrope_serve
 from rope_ext.models.tiny import TINY_MAX_LEN
-from server.launch import longrope_serve
 
 HERE = Path(__file__).resolve().parent
 NAME = "tiny"

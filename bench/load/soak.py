@@ -31,7 +31,7 @@ import psutil
 from tqdm import tqdm
 
 from bench.load.run import check_stream, running
-from server.launch import longrope_serve
+from harness.servers import longrope_serve
 
 HERE = Path(__file__).resolve().parent
 MODEL = "smollm2"

@@ -9,7 +9,7 @@ through the stacked table and per-token offsets, so what is measured is the mech
     .venv/bin/python -m bench.plugin_overhead.run   # eager and compiled; writes bench/plugin_overhead/results.json
 
 ``--runner V2`` runs both engines under vLLM's V2 model runner, its Triton kernels in Triton's interpreter
-(tests/v2_on_cpu.py): the same arrangement for stock and plugin, so the ratio is the plugin's, not the
+(harness/v2_on_cpu.py): the same arrangement for stock and plugin, so the ratio is the plugin's, not the
 interpreter's. Every engine reports the runner it used.
 """
 
@@ -82,7 +82,7 @@ def run_engine(mode: str, model: str, factors: str, eager: bool, repeats: int,
     """``module --measure`` in a fresh process, as the stock or the plugin engine; its RESULT line."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     if runner == "V2":
-        from tests.v2_on_cpu import v2_environment
+        from harness.v2_on_cpu import v2_environment
 
         env.update(v2_environment(env))
     if mode == "plugin":
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="stock/plugin engine pairs per mode, alternating")
     parser.add_argument("--modes", default="eager,compiled", help="eager, compiled (vLLM's default), or both")
     parser.add_argument("--runner", choices=("V1", "V2"), default="V1",
-                        help="vLLM's model runner for both engines (V2: Triton's interpreter, tests/v2_on_cpu.py)")
+                        help="vLLM's model runner for both engines (V2: Triton's interpreter, harness/v2_on_cpu.py)")
     parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)  # for --measure
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()

@@ -21,7 +21,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from server.launch import longrope_serve, vllm_serve
+from harness.servers import longrope_serve, vllm_serve
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

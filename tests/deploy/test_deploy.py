@@ -67,6 +67,35 @@ def test_images_run_as_non_root_expose_8000_and_check_health():
     assert sum("/health" in line for line in lines if line.startswith("HEALTHCHECK")) == 2
 
 
+def test_the_health_check_command_passes_only_on_200(tmp_path):
+    """The images' HEALTHCHECK runs `longrope healthcheck URL`: 0 on a 200, 1 on another status or no server."""
+    import http.server
+    import threading
+
+    from harness.servers import free_port
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        def check(url: str) -> int:
+            return subprocess.run([str(BIN / "longrope"), "healthcheck", url], capture_output=True).returncode
+
+        assert check(f"{base}/health") == 0
+        assert check(f"{base}/draining") == 1
+        assert check(f"http://127.0.0.1:{free_port()}/health") == 1
+    finally:
+        server.shutdown()
+
+
 def manifests() -> list[Path]:
     return sorted(p for p in KUBE.rglob("*.yaml") if p.name != "kustomization.yaml")
 

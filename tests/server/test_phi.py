@@ -23,10 +23,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from harness.servers import vllm_serve
 from rope_ext.models.tiny import TINY_MAX_LEN, TINY_W0, build_tiny_phi3
 from rope_ext.selftest.reference import ReferenceModel, assert_greedy_matches
 from rope_ext.vllm_plugin.model_ladder import ladder_from_config
-from server.launch import vllm_serve
 from tests.helpers import REPO, start_server, stop_server
 
 pytestmark = pytest.mark.server

@@ -9,9 +9,9 @@ import sys
 import openai
 import pytest
 
+from harness.servers import PORT, ServerProcess
 from rope_ext.models.smollm2 import default_model_dir
 from rope_ext.models.tiny import TINY_MAX_LEN
-from server.launch import PORT, ServerProcess
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.server

@@ -10,10 +10,10 @@ import sys
 import openai
 import pytest
 
+from harness.servers import vllm_serve
 from rope_ext.environment import plugin_enabled
 from rope_ext.models.tiny import TINY_MAX_LEN
 from rope_ext.vllm_plugin.vllm_internals import UnsupportedVllm, check_supported
-from server.launch import vllm_serve
 from tests.helpers import REPO
 
 UNSUPPORTED = "0.35.0"

@@ -13,10 +13,10 @@ import sys
 import openai
 import pytest
 
+from harness.servers import free_port, wait_until_ok
 from rope_ext.hf_config import ladder_from_hf
 from rope_ext.models.tiny import TINY_MAX_LEN
 from rope_ext.selftest.reference import LOGPROB_TOLERANCE, ReferenceModel, assert_greedy_matches
-from server.probe import free_port, wait_until_ok
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.server

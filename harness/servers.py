@@ -1,19 +1,48 @@
-"""A server process on a free loopback port: started, waited for until healthy, stopped.
+"""Servers the tests and benchmarks start on loopback: `longrope serve`, stock `vllm serve`, anything else.
 
-Tests and benchmarks start `longrope serve` and stock `vllm serve` the same way; this is the
-one place for it. The server runs in its own process group so stopping it also stops vLLM's
-engine processes; SIGTERM first (the server drains), SIGKILL after the grace period.
+Each gets a free port, is waited for until healthy (never waiting on a process that already died) and is
+stopped with its whole process group, so vLLM's engine processes go with it: SIGTERM first (the server
+drains), SIGKILL after the grace period. The one place for it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
-from server.probe import free_port, wait_until_ok
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when ``url`` answers HTTP 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_until_ok(url: str, proc: subprocess.Popen | None = None, timeout: float = 300.0,
+                  interval: float = 1.0) -> bool:
+    """Poll ``url`` until it answers 200 (True); False once ``proc`` exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not answers_ok(url):
+        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
 
 PORT = "{port}"  # the argument (or environment value) that becomes the chosen port
 

@@ -119,7 +119,13 @@ class Ladder(BaseModel):
         for i, fs in enumerate(self.sets):
             if fs.name == name:
                 return i
-        raise KeyError(f"no factor set named {name!r}; this ladder has {', '.join(self.names)}")
+        raise KeyError(f"no factor set named {shown(name)}; this ladder has {', '.join(self.names)}")
+
+
+def shown(value: Any, limit: int = 64) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a client's value echoed in an error stays small."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

@@ -39,10 +39,13 @@ class ApiKeyGuard:
         keys = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
         return cls(keys, not args.metrics_require_api_key) if keys else None
 
-    def allows(self, scope: Scope) -> bool:
-        if scope["method"] == "OPTIONS":  # CORS preflights carry no credentials (vLLM's check lets them by too)
+    def allows(self, scope: Scope, path: str) -> bool:
+        """Whether the request to ``path`` (inside the app) may go on."""
+        headers = Headers(scope=scope)
+        if scope["method"] == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers:
+            # A CORS preflight carries no credentials; vLLM's CORS middleware answers it with headers alone,
+            # never reaching a route. Any other OPTIONS request is a request like the rest.
             return True
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
         if path in self.open_paths or METRICS_PATH in self.open_paths and path.startswith(METRICS_PATH + "/"):
             return True
-        return self.checker.verify_token(Headers(scope=scope))
+        return self.checker.verify_token(headers)

@@ -1,8 +1,10 @@
 """What `longrope serve` adds around vLLM's OpenAI app, as one pure ASGI middleware.
 
-- ``X-Request-Id``: the client's, else a new one; passed on to vLLM (which names its engine
-  requests after it) and returned on every response.
-- A body-size limit: larger request bodies get 413 before anything parses them.
+- ``X-Request-Id``: the client's when it is a short token, else a new one; passed on to vLLM (which
+  names its engine requests after it) and returned on every response.
+- Every request's body is read here first, counted as it arrives, on every route (under any
+  ``--root-path``): 413 past ``--max-body-bytes``, 408 when it arrives slower than
+  ``--max-body-seconds``; then the app reads it from memory.
 - ``rope_set`` as a top-level request field: moved into ``vllm_xargs`` (vLLM ignores unknown
   top-level fields; ``vllm_xargs`` reaches the engine client as ``extra_args``).
 - The ladder: ``x-rope-set`` / ``x-rope-promotions`` headers, per-choice ``rope_set`` and
@@ -17,7 +19,10 @@ It reads what it needs from the app's state (``engine_client`` is our
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import sys
 import uuid
 from typing import Any
 
@@ -31,6 +36,8 @@ from server.choice_runs import ChoiceRun, current_choices
 from server.openai_errors import openai_error
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+# An X-Request-Id kept as the client sent it: at most 128 characters of these; any other is replaced.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 CHOICE_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
@@ -57,49 +64,42 @@ class LongRopeMiddleware:
             await self.app(scope, receive, send)
             return
         state = scope["app"].state
-        limit: int = state.args.max_body_bytes
+        args = state.args
         headers = MutableHeaders(scope=scope)
-        request_id = headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+        request_id = request_id_of(headers.get("x-request-id"))
         headers["x-request-id"] = request_id  # vLLM names the engine request after it
-        path, method = scope["path"], scope["method"]
+        path, method = route_path(scope), scope["method"]
         client = getattr(state, "engine_client", None)
         metrics = getattr(client, "metrics", None)
 
-        async def send_error(status: int, body: dict) -> None:
-            data = json.dumps(openai_error(status, body), separators=(",", ":")).encode()
+        async def send_error(status: int, message: str) -> None:
+            data = json.dumps(openai_error(status, {"error": message}), separators=(",", ":")).encode()
             await send({"type": "http.response.start", "status": status,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(data)).encode()),
                                     (b"x-request-id", request_id.encode())]})
             await send({"type": "http.response.body", "body": data})
+            self._count(metrics, scope, method, status)
 
         if not self.guard_built:
-            self.guard, self.guard_built = ApiKeyGuard.from_args(state.args), True
-        if self.guard is not None and not self.guard.allows(scope):
-            await send_error(401, {"error": API_KEY_MESSAGE})
-            self._count(metrics, scope, method, 401)
+            self.guard, self.guard_built = ApiKeyGuard.from_args(args), True
+        if self.guard is not None and not self.guard.allows(scope, path):
+            await send_error(401, API_KEY_MESSAGE)
             return
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            await send_error(413, {"error": f"Request body of {length} bytes exceeds the limit of {limit} bytes."})
-            self._count(metrics, scope, method, 413)
+        try:
+            body = await read_body(receive, headers.get("content-length"), args.max_body_bytes, args.max_body_seconds)
+        except BodyRefused as refused:
+            await send_error(refused.status, str(refused))
             return
         if method == "POST" and path in GENERATION_PATHS:
-            body = b""
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    break
-                body += message.get("body", b"")
-                if len(body) > limit:
-                    await send_error(413, {"error": f"Request body exceeds the limit of {limit} bytes."})
-                    self._count(metrics, scope, method, 413)
-                    return
-                if not message.get("more_body", False):
-                    break
-            body = _rope_set_into_xargs(body)
-            headers["content-length"] = str(len(body))
-            receive = _replaying(body, receive)
+            try:
+                body = _rope_set_into_xargs(body)
+            except RecursionError:
+                await send_error(400, f"The request body nests JSON deeper than this server parses "
+                                      f"({sys.getrecursionlimit()} levels).")
+                return
+        headers["content-length"] = str(len(body))
+        receive = _replaying(body, receive)
         runs: list[ChoiceRun] = []
         refused: list[Refusal] = []
         tokens = current_choices.set(runs), refusals.set(refused)
@@ -118,6 +118,52 @@ class LongRopeMiddleware:
         if metrics is not None:
             route = scope.get("route")
             metrics.http.labels(getattr(route, "path", "unmatched"), method, str(status)).inc()
+
+
+def request_id_of(given: str | None) -> str:
+    """The client's ``X-Request-Id`` when it is a short token (REQUEST_ID), else a new one: vLLM repeats the
+    id in every stream chunk and names engine requests after it, and we echo it in every response."""
+    if given is not None and REQUEST_ID.fullmatch(given):
+        return given
+    return f"req-{uuid.uuid4().hex}"
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path inside the app, whatever ``--root-path`` it is served under."""
+    root = scope.get("root_path", "")
+    path = scope["path"]
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+class BodyRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def read_body(receive: Receive, length: str | None, limit: int, seconds: float) -> bytes:
+    """The whole request body, counted as it arrives (sized or chunked): 413 past ``limit`` bytes, 408 when
+    it takes longer than ``seconds`` to arrive. A ``Content-Length`` over the limit is refused unread."""
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BodyRefused(413, f"Request body of {length} bytes exceeds the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break  # the client left; the app sees the same disconnect
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise BodyRefused(413, f"Request body exceeds the limit of {limit} bytes.")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise BodyRefused(408, f"The request body did not arrive within {seconds:g} seconds.") from None
+    return b"".join(chunks)
 
 
 def _replaying(body: bytes, receive: Receive) -> Receive:

@@ -16,8 +16,11 @@ from rope_ext.protocol import Refusal
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
                503: "service_unavailable"}
 ERROR_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+               408: "request_timeout",
                413: "request_too_large", 422: "invalid_request", 429: "rate_limit_exceeded", 500: "internal_error",
                501: "not_implemented", 503: "service_unavailable"}
+# A longer message is cut: errors echo client values (a model name, a field), which may be megabytes.
+MAX_MESSAGE = 1000
 # vLLM's own refusals of a prompt longer than the model's context carry these params.
 PROMPT_TOO_LONG_PARAMS = ("input_tokens", "input_text")
 VLLM_NOT_FOUND = "NotFoundError"  # vLLM's type for a model (or LoRA adapter) that is not served
@@ -37,6 +40,10 @@ def openai_error(status: int, body: Any, refusal: Refusal | None = None) -> dict
     elif not isinstance(code, str):
         code = _code(status, vllm_type, param)
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE]}… ({len(message) - MAX_MESSAGE} characters cut)"
+    if isinstance(param, str) and len(param) > MAX_MESSAGE:
+        param = param[:MAX_MESSAGE]
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

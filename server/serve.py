@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--rope-start-rule", choices=["lead", "window"], default="lead",
                       help="lead: a request with too little room in its start set to hide the next set's prefill "
                       "starts in the next set; window: the smallest set that holds the prompt (never a bigger one)")
-    ours.add_argument("--max-body-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
+    ours.add_argument("--max-body-bytes", type=int, default=2_000_000,
+                      help="larger request bodies get 413, on every route, sized or chunked")
+    ours.add_argument("--max-body-seconds", type=float, default=60.0,
+                      help="a request body that takes longer to arrive gets 408 (a client dripping it holds a slot)")
     ours.add_argument("--metrics-require-api-key", action="store_true",
                       help="/metrics asks for the API key too (default: open for Prometheus, like the /health and "
                       "/ping probes; every other route needs the key when --api-key is set)")

@@ -68,3 +68,10 @@ def test_a_request_too_close_to_its_window_starts_where_its_switch_can_be_hidden
     assert (admission.index, admission.promotable) == (expected, promotable)
     assert admit(LADDER, prompt, max_tokens, Policy.DYNAMIC, pinned="short" if prompt + max_tokens <= 256 else "long",
                  lead=lead).promotable is False  # pinned: the lead never moves it
+
+
+def test_a_huge_set_name_is_cut_in_the_refusal():
+    """A client's 1.5 MB rope_set value came back whole in the 400; the refusal shows its first characters."""
+    with pytest.raises(UnknownSet) as info:
+        choose_set(LADDER, 10, 10, pinned="x" * 1_500_000)
+    assert len(str(info.value)) < 200 and "'xxxx" in str(info.value)

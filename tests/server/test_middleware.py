@@ -28,7 +28,8 @@ LIMIT = 1000
 
 def app_with_routes() -> FastAPI:
     app = FastAPI()
-    app.state.args = SimpleNamespace(max_body_bytes=LIMIT, api_key=None, metrics_require_api_key=False)
+    app.state.args = SimpleNamespace(max_body_bytes=LIMIT, max_body_seconds=5.0, api_key=None,
+                                     metrics_require_api_key=False)
     app.state.engine_client = SimpleNamespace(ladder=tiny_ladder(), metrics=ServerMetrics("m"))
 
     def admitted() -> list[ChoiceRun]:
@@ -50,6 +51,14 @@ def app_with_routes() -> FastAPI:
             return StreamingResponse(events(), media_type="text/event-stream")
         return {"seen": body, "request_id": request.headers["x-request-id"],
                 "choices": [{"index": 0, "text": "ab", "finish_reason": "length"}]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return {"bytes": len(await request.body())}
+
+    @app.api_route("/metrics", methods=["GET", "OPTIONS"])
+    async def metrics():
+        return {"series": "secret"}
 
     @app.get("/v1/models")
     async def models():
@@ -100,6 +109,86 @@ def test_body_over_the_limit_is_413_before_the_app_reads_it():
         response = c.post("/v1/completions", json={"prompt": "x" * 2 * LIMIT})
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large" and response.headers["x-request-id"]
+
+
+def _chunked(size: int):
+    """A body sent in 100-byte chunks with no Content-Length (Transfer-Encoding: chunked)."""
+    for start in range(0, size, 100):
+        yield b"x" * min(100, size - start)
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/v1/completions", "/nowhere"])
+@pytest.mark.parametrize("sized", [True, False])
+def test_every_route_counts_its_body_sized_or_chunked(path, sized):
+    with client() as c:
+        over = c.post(path, content=b"x" * (LIMIT + 1) if sized else _chunked(LIMIT + 1))
+        under = c.post("/tokenize", content=b"x" * LIMIT if sized else _chunked(LIMIT))
+    assert over.status_code == 413 and over.json()["error"]["code"] == "request_too_large"
+    assert under.status_code == 200 and under.json() == {"bytes": LIMIT}
+
+
+def test_the_limit_and_rope_set_hold_under_a_root_path():
+    with TestClient(app_with_routes(), root_path="/api") as c:
+        over = c.post("/api/tokenize", content=_chunked(LIMIT + 1))
+        seen = c.post("/api/v1/completions", json={"prompt": "x", "rope_set": "long"}).json()["seen"]
+    assert over.status_code == 413
+    assert seen["vllm_xargs"] == {"rope_set": "long"}
+
+
+def test_a_body_that_drips_slower_than_the_limit_is_408():
+    """A client that sends a byte and then nothing holds no slot past --max-body-seconds."""
+    import asyncio
+
+    app = app_with_routes()
+    app.state.args.max_body_seconds = 0.2
+    sent: list[dict] = []
+
+    async def receive():
+        if not sent:
+            sent.append({})
+            return {"type": "http.request", "body": b"{", "more_body": True}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "", "headers": [],
+             "query_string": b"", "app": app, "state": {}}
+    asyncio.run(asyncio.wait_for(LongRopeMiddleware(app)(scope, receive, send), timeout=5))
+    assert sent[1]["status"] == 408
+    assert json.loads(sent[2]["body"])["error"]["code"] == "request_timeout"
+
+
+@pytest.mark.parametrize("given,kept", [("abc-123", True), ("a" * 200_000, False), ("two words", False),
+                                        ("x\r\nSet-Cookie: y", False), ("0f8fad5b-d9cb-469f-a165-70867728950e", True)])
+def test_request_ids_are_bounded_in_length_and_characters(given, kept):
+    with client() as c:
+        response = c.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-Id": given})
+    rid = response.headers["x-request-id"]
+    assert (rid == given) is kept and len(rid) <= 128 and response.json()["request_id"] == rid
+
+
+def test_options_needs_the_key_unless_it_is_a_cors_preflight():
+    """Under --metrics-require-api-key, OPTIONS /metrics once answered the metrics without the key."""
+    app = app_with_routes()
+    app.state.args.api_key, app.state.args.metrics_require_api_key = ["k"], True
+    with client(app) as c:
+        plain = c.options("/metrics")
+        keyed = c.options("/metrics", headers={"Authorization": "Bearer k"})
+        preflight = c.options("/v1/completions",
+                              headers={"Origin": "http://x", "Access-Control-Request-Method": "POST"})
+    assert plain.status_code == 401 and "secret" not in plain.text
+    assert keyed.status_code == 200
+    assert preflight.status_code != 401
+
+
+def test_deeply_nested_json_is_400_not_500():
+    app = app_with_routes()
+    app.state.args.max_body_bytes = 1_000_000
+    with client(app) as c:
+        body = '{"rope_set": "long", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        response = c.post("/v1/completions", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
 
 
 def test_headers_and_choice_fields_name_the_set():
@@ -166,3 +255,5 @@ def test_error_shapes():
                                         "code": 404}})["error"]["code"] == "model_not_found"
     assert openai_error(404, {"detail": "Not Found"})["error"]["code"] == "not_found"
     assert openai_error(500, "Internal Server Error")["error"]["type"] == "server_error"
+    echoed = openai_error(404, {"error": {"message": f"The model `{'m' * 1_000_000}` does not exist.", "code": 404}})
+    assert len(echoed["error"]["message"]) < 1100 and echoed["error"]["message"].endswith("characters cut)")

@@ -345,17 +345,21 @@ def test_second_key_works_and_health_is_open(smollm2_server):
     assert response.status_code == 200
 
 
-def test_every_route_but_the_probes_and_metrics_needs_the_key(smollm2_server):
-    """Every route of the app's OpenAPI document (vLLM guards only /v1 and a few prefixes; we guard the rest)."""
-    auth = {"Authorization": f"Bearer {API_KEY}"}
-    schema = httpx.get(f"{smollm2_server.base}/openapi.json", headers=auth, timeout=30)
+def routes_of(server) -> list[tuple[str, str]]:
+    """(method, path) of every route of the app's OpenAPI document, and the documents themselves."""
+    schema = httpx.get(f"{server.base}/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     assert schema.status_code == 200
     routes = [(method.upper(), re.sub(r"\{[^}]+\}", "x", path))
               for path, item in schema.json()["paths"].items() for method in item]
     routes += [("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")]  # not in the document itself
-    assert ("POST", "/tokenize") in routes and ("GET", "/load") in routes
+    assert ("POST", "/tokenize") in routes and ("GET", "/load") in routes and ("POST", "/v1/messages") in routes
+    return routes
+
+
+def test_every_route_but_the_probes_and_metrics_needs_the_key(smollm2_server):
+    """Every route of the app's OpenAPI document (vLLM guards only /v1 and a few prefixes; we guard the rest)."""
     open_routes = {("GET", "/health"), ("GET", "/ping"), ("POST", "/ping"), ("GET", "/metrics")}  # /metrics: Prometheus
-    for method, path in routes:
+    for method, path in routes_of(smollm2_server):
         response = httpx.request(method, f"{smollm2_server.base}{path}", json={}, timeout=30)
         if (method, path) in open_routes:
             assert response.status_code == 200, f"{method} {path}: {response.status_code}"
@@ -364,12 +368,45 @@ def test_every_route_but_the_probes_and_metrics_needs_the_key(smollm2_server):
             assert response.json()["error"]["code"] == "invalid_api_key", f"{method} {path}"
 
 
-def test_body_over_limit_is_413(smollm2_server):
-    big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 300_000}]}
-    response = httpx.post(f"{smollm2_server.v1}/chat/completions", json=big,
-                          headers={"Authorization": f"Bearer {API_KEY}"})
-    assert response.status_code == 413
-    assert response.json()["error"]["code"] == "request_too_large"
+def _chunks(size: int):
+    """A body with no Content-Length, in 64 kB chunks (Transfer-Encoding: chunked)."""
+    for start in range(0, size, 65536):
+        yield b"x" * min(65536, size - start)
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["sized", "chunked"])
+def test_every_route_refuses_a_body_over_the_limit(smollm2_server, sized):
+    """The server's --max-body-bytes is 200000: on every route a larger body is 413, whether it says its size
+    or is chunked (chunked bodies were once counted on the generation routes only: /tokenize read 3 MB)."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for method, path in routes_of(smollm2_server):
+        body = b"x" * 300_000 if sized else _chunks(300_000)
+        response = httpx.request(method, f"{smollm2_server.base}{path}", content=body, headers=auth, timeout=60)
+        assert response.status_code == 413, f"{method} {path}: {response.status_code}"
+        assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_huge_request_id_is_replaced_and_options_never_passes_the_key(smollm2_server):
+    """A 200 kB X-Request-Id once came back in every stream chunk (2 MB for 8 tokens) and in a 401."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    big = "r" * 200_000
+    unkeyed = httpx.get(f"{smollm2_server.v1}/models", headers={"X-Request-Id": big}, timeout=30)
+    assert unkeyed.status_code == 401 and len(unkeyed.content) < 1000
+    assert unkeyed.headers["x-request-id"].startswith("req-")
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "stream": True}
+    stream = httpx.post(f"{smollm2_server.v1}/completions", json=body, headers={**auth, "X-Request-Id": big},
+                        timeout=120)
+    assert stream.status_code == 200 and len(stream.content) < 10_000 and big not in stream.text
+    for path in ("/v1/models", "/tokenize", "/load"):
+        response = httpx.request("OPTIONS", f"{smollm2_server.base}{path}", timeout=30)
+        assert response.status_code == 401, f"OPTIONS {path}: {response.status_code}"
+
+
+def test_deeply_nested_json_with_a_rope_set_is_400(smollm2_server):
+    nested = '{"model": "smollm2", "rope_set": "short", "prompt": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    response = httpx.post(f"{smollm2_server.v1}/completions", content=nested.encode(), timeout=30,
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
 
 
 def running_requests(server) -> float:

@@ -6,14 +6,12 @@
 - ``SET_INDEX_KEY``: the set's position in the ladder, written once per request by the plugin's
   input processor (the one gate into the engine, which checks the name) and read by the workers.
 - A :class:`Refusal` carries its OpenAI ``code`` and ``param`` from where it is raised;
-  :func:`vllm_error` is the one place it becomes vLLM's 400. It also records the refusal for the
-  HTTP request being served (:data:`refusals`), so `longrope serve`'s error bodies take the code
-  from the refusal itself, never from the message text.
+  :func:`vllm_error` is the one place it becomes vLLM's 400 (which keeps the ``param``; a front end
+  that answers with the string code, as `longrope serve` does, keeps the refusal itself).
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from typing import Any
 
 ROPE_SET_KEY = "rope_set"
@@ -54,18 +52,10 @@ class UnknownSet(Refusal):
         super().__init__(message, param=ROPE_SET_KEY)
 
 
-# The refusals raised while one HTTP request is served: a front end sets a list here per request
-# (server/middleware.py) and reads the codes back when it writes the error body.
-refusals: ContextVar[list[Refusal] | None] = ContextVar("longrope_refusals", default=None)
-
-
 def vllm_error(refusal: Refusal) -> Exception:
-    """``refusal`` as vLLM's validation error (HTTP 400, ``param`` kept), recorded for the current request."""
+    """``refusal`` as vLLM's validation error (HTTP 400, ``param`` kept)."""
     from vllm.exceptions import VLLMValidationError
 
-    recorded = refusals.get()
-    if recorded is not None:
-        recorded.append(refusal)
     return VLLMValidationError(str(refusal), parameter=refusal.param)
 
 

@@ -1,15 +1,13 @@
 """What the response headers, the per-choice fields and the metrics say about each choice of a request.
 
-The engine client makes one :class:`ChoiceRun` per choice it admits and appends it to the list the
-middleware set for the HTTP request being served (:data:`current_choices`); the middleware reads
-them back for the ``x-rope-set`` headers and the ``rope_set`` / ``rope_promotions`` fields, and the
-metrics record each one when it ends.
+The engine client makes one :class:`ChoiceRun` per choice it admits and adds it to the HTTP request's
+record (server.request_records); the middleware reads it there for the ``x-rope-set`` headers and the
+``rope_set`` / ``rope_promotions`` fields, and the metrics record each one when it ends.
 """
 
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +64,3 @@ class ChoiceRun:
             self.outcome = outcome or "stop"
             self.e2e_s = time.monotonic() - self.started
 
-
-# The choices of the HTTP request being served, in choice order (set per request by server.middleware).
-current_choices: ContextVar[list[ChoiceRun] | None] = ContextVar("longrope_choices", default=None)

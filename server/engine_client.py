@@ -32,9 +32,10 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from rope_ext.factors import Ladder
 from rope_ext.protocol import Refusal, naming_set, pinned_set, vllm_error
 from rope_ext.selection import Policy, admit
-from server.choice_runs import ChoiceRun, current_choices
+from server.choice_runs import ChoiceRun
 from server.metrics import ServerMetrics
 from server.promotion import fan_out
+from server.request_records import HTTP_REQUEST_KEY, RequestRecords
 from server.side_prefill import SidePrefills
 
 
@@ -59,6 +60,7 @@ class LadderEngineClient:
         self.side = SidePrefills(engine, side_prefill_max_lead, engine.vllm_config.cache_config.enable_prefix_caching,
                                  metrics)
         self.start_by_lead = start_by_lead
+        self.records = RequestRecords()  # what the middleware reports of each HTTP request
         self.running = 0  # requests being generated (each counted once, whatever its choices and segments)
         self.draining = False
 
@@ -109,10 +111,13 @@ class LadderEngineClient:
     def generate(self, prompt: Any, sampling_params: SamplingParams, request_id: str,
                  **kwargs: Any) -> AsyncIterator[RequestOutput]:
         """vLLM's ``EngineClient.generate``: admits now (refusals raise here), generates when iterated."""
+        params = sampling_params
+        record = self.records.of(params.extra_args)
+        if record is not None:  # the front end's key stays in the front end
+            params.extra_args = {k: v for k, v in params.extra_args.items() if k != HTTP_REQUEST_KEY} or None
         tokens = _token_prompt(prompt)
         if tokens is None:  # embeddings, streaming input, a ready EngineCoreRequest: the plugin's budget rule
-            return self.engine.generate(prompt, sampling_params, request_id, **kwargs)
-        params = sampling_params
+            return self.engine.generate(prompt, params, request_id, **kwargs)
         # A grammar cannot resume inside a new engine request, and only deltas or a final output can be stitched.
         resumable = params.structured_outputs is None and params.output_kind in (RequestOutputKind.DELTA,
                                                                                  RequestOutputKind.FINAL_ONLY)
@@ -121,12 +126,13 @@ class LadderEngineClient:
             admission = admit(self.ladder, len(tokens), params.max_tokens, self.policy, pinned_set(params.extra_args),
                               resumable, lead)
         except Refusal as refusal:
+            if record is not None and record.refusal is None:
+                record.refusal = refusal
             raise vllm_error(refusal) from None
         name = self.ladder.sets[admission.index].name
         runs = [ChoiceRun(name, len(tokens)) for _ in range(params.n)]
-        choices = current_choices.get()
-        if choices is not None:
-            choices.extend(runs)
+        if record is not None:
+            record.runs.extend(runs)
         if admission.promotable:
             outputs = fan_out(self.engine, self.ladder, prompt, tokens, params, request_id, kwargs, admission.index,
                               runs, self.side)

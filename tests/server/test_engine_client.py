@@ -21,11 +21,12 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from rope_ext.models.tiny import tiny_ladder
-from rope_ext.protocol import ROPE_SET_KEY, refusals
+from rope_ext.protocol import ROPE_SET_KEY
 from rope_ext.selection import Policy
-from server.choice_runs import ChoiceRun, current_choices
+from server.choice_runs import ChoiceRun
 from server.engine_client import LadderEngineClient
 from server.metrics import ServerMetrics
+from server.request_records import HTTP_REQUEST_KEY
 
 pytestmark = pytest.mark.unit
 
@@ -164,15 +165,18 @@ def collect(outputs, stop_after: int | None = None) -> list[RequestOutput]:
     return asyncio.run(run())
 
 
+def generate_recorded(ladder_client: LadderEngineClient, prompt: list[int], sampling: SamplingParams,
+                      request_id: str = "r"):
+    """``generate`` as vLLM's app calls it for an HTTP request the middleware opened a record for."""
+    http_id, record = ladder_client.records.open("http")
+    sampling.extra_args = {**(sampling.extra_args or {}), HTTP_REQUEST_KEY: http_id}
+    return ladder_client.generate({"prompt_token_ids": prompt}, sampling, request_id), record
+
+
 def admitted(ladder_client: LadderEngineClient, prompt: list[int], sampling: SamplingParams,
              request_id: str = "r") -> tuple[list[RequestOutput], list[ChoiceRun]]:
-    runs: list[ChoiceRun] = []
-    token = current_choices.set(runs)
-    try:
-        outputs = ladder_client.generate({"prompt_token_ids": prompt}, sampling, request_id)
-    finally:
-        current_choices.reset(token)
-    return collect(outputs), runs
+    outputs, record = generate_recorded(ladder_client, prompt, sampling, request_id)
+    return collect(outputs), record.runs
 
 
 def tokens_of(outputs: list[RequestOutput], index: int = 0) -> list[int]:
@@ -271,13 +275,10 @@ def test_final_only_with_n_merges_the_choices():
 
 def test_a_client_that_leaves_aborts_the_engine_request():
     ladder_client, engine = client()
-    runs: list[ChoiceRun] = []
-    token = current_choices.set(runs)
-    outputs = ladder_client.generate({"prompt_token_ids": PROMPT}, params(30), "r")
-    current_choices.reset(token)
+    outputs, record = generate_recorded(ladder_client, PROMPT, params(30))
     got = collect(outputs, stop_after=2)
     assert len(got) == 2 and engine.calls[-1].ended == "closed" and engine.calls[-1].produced == 2
-    assert ladder_client.running == 0 and runs[0].outcome == "aborted"
+    assert ladder_client.running == 0 and record.runs[0].outcome == "aborted"
 
 
 def test_pinned_or_constrained_or_budget_requests_never_promote():
@@ -299,14 +300,10 @@ def test_pinned_or_constrained_or_budget_requests_never_promote():
 ])
 def test_refusals_raise_at_the_call_with_their_code(extra, prompt_len, code, param):
     ladder_client, engine = client()
-    recorded: list = []
-    token = refusals.set(recorded)
-    try:
-        with pytest.raises(VLLMValidationError) as info:
-            ladder_client.generate({"prompt_token_ids": [1] * prompt_len}, params(10, extra_args=extra), "r")
-    finally:
-        refusals.reset(token)
-    assert info.value.parameter == param and [(r.code, r.param) for r in recorded] == [(code, param)]
+    with pytest.raises(VLLMValidationError) as info:
+        generate_recorded(ladder_client, [1] * prompt_len, params(10, extra_args=extra))
+    record = ladder_client.records.of({HTTP_REQUEST_KEY: "http"})
+    assert info.value.parameter == param and (record.refusal.code, record.refusal.param) == (code, param)
     assert engine.calls == [] and ladder_client.running == 0
 
 
@@ -405,3 +402,11 @@ def test_the_lead_follows_the_measured_rates_and_its_cap():
     assert side.worth_it(100) and not side.worth_it(20)  # 100 tokens take 0.36 s, 20 take 0.07 s < 0.1 s
     side.rates.prefilled(1000, 1.0)  # a measured prefill moves the estimate half way
     assert side.rates.prefill_tokens_per_s == (280.0 + 1000.0) / 2
+
+
+def test_the_record_key_stays_in_the_front_end():
+    """The middleware's key names the HTTP request's record; the engine never sees it (segments neither)."""
+    ladder_client, engine = client()
+    outputs, record = generate_recorded(ladder_client, PROMPT, params(30))
+    collect(outputs)
+    assert record.runs and all(HTTP_REQUEST_KEY not in (c.params.extra_args or {}) for c in engine.calls)

@@ -16,10 +16,11 @@ from fastapi.testclient import TestClient
 
 from rope_ext.models.tiny import tiny_ladder
 from rope_ext.protocol import UnknownSet, vllm_error
-from server.choice_runs import ChoiceRun, Promotion, current_choices
+from server.choice_runs import ChoiceRun, Promotion
 from server.metrics import ServerMetrics
 from server.middleware import LongRopeMiddleware
 from server.openai_errors import openai_error
+from server.request_records import HTTP_REQUEST_KEY, RequestRecords
 
 pytestmark = pytest.mark.unit
 
@@ -30,18 +31,19 @@ def app_with_routes() -> FastAPI:
     app = FastAPI()
     app.state.args = SimpleNamespace(max_body_bytes=LIMIT, max_body_seconds=5.0, api_key=None,
                                      metrics_require_api_key=False)
-    app.state.engine_client = SimpleNamespace(ladder=tiny_ladder(), metrics=ServerMetrics("m"))
+    app.state.engine_client = SimpleNamespace(ladder=tiny_ladder(), metrics=ServerMetrics("m"),
+                                              records=RequestRecords())
 
-    def admitted() -> list[ChoiceRun]:
-        """What the engine client does when vLLM's serving layer calls generate."""
+    def admitted(body: dict) -> list[ChoiceRun]:
+        """What the engine client does when vLLM's serving layer calls generate (vllm_xargs become extra_args)."""
         run = ChoiceRun("short", 300, promotions=[Promotion("short", "mid", 256)])
-        current_choices.get().append(run)
+        app.state.engine_client.records.of(body.get("vllm_xargs")).runs.append(run)
         return [run]
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await request.json()
-        admitted()
+        admitted(body)
         if body.get("stream"):
             async def events():
                 yield 'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n'
@@ -74,10 +76,12 @@ def app_with_routes() -> FastAPI:
                                        "type": "BadRequestError", "param": "input_tokens", "code": 400}},
                             status_code=400)
 
-    @app.get("/v1/refused")
-    async def refused():
+    @app.post("/v1/chat/completions")
+    async def refused(request: Request):
         """What vLLM's serving layer answers when the engine client raises a refusal."""
-        error = vllm_error(UnknownSet("no factor set named 'x'"))
+        refusal = UnknownSet("no factor set named 'x'")
+        app.state.engine_client.records.of((await request.json()).get("vllm_xargs")).refusal = refusal
+        error = vllm_error(refusal)
         return JSONResponse({"error": {"message": str(error), "type": "BadRequestError", "param": error.parameter,
                                        "code": 400}}, status_code=400)
 
@@ -97,11 +101,12 @@ def test_request_id_is_kept_or_made_and_passed_to_the_app():
     assert made.headers["x-request-id"].startswith("req-") and made.json()["request_id"] == made.headers["x-request-id"]
 
 
-def test_top_level_rope_set_becomes_vllm_xargs():
+def test_top_level_rope_set_becomes_vllm_xargs_beside_the_record():
     with client() as c:
         body = {"prompt": "x", "rope_set": "long", "vllm_xargs": {"a": 1}}
-        seen = c.post("/v1/completions", json=body).json()["seen"]
-    assert "rope_set" not in seen and seen["vllm_xargs"] == {"a": 1, "rope_set": "long"}
+        response = c.post("/v1/completions", json=body, headers={"X-Request-Id": "mine"})
+    seen = response.json()["seen"]
+    assert "rope_set" not in seen and seen["vllm_xargs"] == {"a": 1, "rope_set": "long", HTTP_REQUEST_KEY: "mine"}
 
 
 def test_body_over_the_limit_is_413_before_the_app_reads_it():
@@ -132,7 +137,7 @@ def test_the_limit_and_rope_set_hold_under_a_root_path():
         over = c.post("/api/tokenize", content=_chunked(LIMIT + 1))
         seen = c.post("/api/v1/completions", json={"prompt": "x", "rope_set": "long"}).json()["seen"]
     assert over.status_code == 413
-    assert seen["vllm_xargs"] == {"rope_set": "long"}
+    assert seen["vllm_xargs"]["rope_set"] == "long"
 
 
 def test_a_body_that_drips_slower_than_the_limit_is_408():
@@ -230,8 +235,51 @@ def test_every_error_is_an_openai_error_object_with_a_string_code():
 
 def test_a_refusal_raised_while_serving_gives_its_own_code():
     with client() as c:
-        error = c.get("/v1/refused").json()["error"]
+        error = c.post("/v1/chat/completions", json={"messages": []}).json()["error"]
     assert error["code"] == "unknown_rope_set" and error["param"] == "rope_set"
+
+
+def test_requests_in_flight_with_one_id_get_records_of_their_own():
+    """Two requests sent with the same X-Request-Id at once: the second gets a new id, so neither reads the
+    other's record (each response names its own choices)."""
+    records = RequestRecords()
+    first_id, first = records.open("same")
+    second_id, second = records.open("same")
+    assert first_id == "same" and second_id.startswith("req-") and first is not second
+    assert records.of({HTTP_REQUEST_KEY: second_id}) is second and records.of({HTTP_REQUEST_KEY: "other"}) is None
+    records.close("same")
+    assert records.of({HTTP_REQUEST_KEY: "same"}) is None and records.open("same")[0] == "same"
+
+
+def test_a_stream_event_split_across_messages_still_gets_its_fields():
+    """ASGI body messages need not hold whole events: the finishing event arrives in three pieces."""
+    import asyncio
+
+    from server.request_records import RequestRecord
+    from server.responses import ResponseRewriter
+
+    record = RequestRecord(runs=[ChoiceRun("short", 3, promotions=[Promotion("short", "mid", 256)])])
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    rewriter = ResponseRewriter(send, "r", "/v1/completions", record, tiny_ladder())
+    event = b'data: {"choices":[{"index":0,"text":"b","finish_reason":"length"}]}\n\n'
+    pieces = [b'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n' + event[:20], event[20:40],
+              event[40:] + b"data: [DONE]\n\n"]
+
+    async def stream():
+        await rewriter({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+        for i, piece in enumerate(pieces):
+            await rewriter({"type": "http.response.body", "body": piece, "more_body": i < len(pieces) - 1})
+
+    asyncio.run(stream())
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    events = [e for e in body.split(b"\n\n") if e]
+    assert [json.loads(e[6:])["choices"][0].get("rope_set") for e in events[:2]] == [None, "mid"]
+    assert events[2] == b"data: [DONE]" and sent[-1]["more_body"] is False
 
 
 def test_context_length_refusals_are_counted_once_each():

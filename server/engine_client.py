@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from http import HTTPStatus
 from typing import Any
@@ -32,9 +33,9 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from rope_ext.factors import Ladder
 from rope_ext.protocol import Refusal, naming_set, pinned_set, vllm_error
 from rope_ext.selection import Policy, admit
-from server.choice_runs import ChoiceRun
+from server.choices import ChoiceRun, ChoiceRunner
 from server.metrics import ServerMetrics
-from server.promotion import fan_out
+from server.promotion import PromotingChoice, fan_out, promoting_choices
 from server.request_records import HTTP_REQUEST_KEY, RequestRecords
 from server.side_prefill import SidePrefills
 
@@ -61,7 +62,8 @@ class LadderEngineClient:
                                  metrics)
         self.start_by_lead = start_by_lead
         self.records = RequestRecords()  # what the middleware reports of each HTTP request
-        self.running = 0  # requests being generated (each counted once, whatever its choices and segments)
+        self.running = 0  # requests admitted and not yet ended (each counted once, whatever its choices)
+        self.promoting: dict[str, list[PromotingChoice]] = {}  # by request id: its choices' engine requests
         self.draining = False
 
     def __getattr__(self, name: str) -> Any:
@@ -92,6 +94,14 @@ class LadderEngineClient:
         if self.draining:  # /health says 503, so load balancers stop sending
             raise EngineDeadError()
         await self.engine.check_health()
+
+    async def abort(self, request_id: str | Iterable[str], *args: Any, **kwargs: Any) -> None:
+        """vLLM's abort by request id, reaching every engine request of a promotable request too: each choice's
+        segment (``-s1``, ``-s2``…, choices ``-0``, ``-1``…) and a side prefill in flight."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        every = [engine_id for rid in ids
+                 for engine_id in ([rid] + [e for c in self.promoting.get(rid, []) for e in c.engine_request_ids])]
+        await self.engine.abort(list(dict.fromkeys(every)), *args, **kwargs)
 
     def death_reason(self) -> str | None:
         """Why the engine stopped on its own (killed, crashed, a fatal engine error); None after a drain.
@@ -130,51 +140,71 @@ class LadderEngineClient:
                 record.refusal = refusal
             raise vllm_error(refusal) from None
         name = self.ladder.sets[admission.index].name
-        runs = [ChoiceRun(name, len(tokens)) for _ in range(params.n)]
+        # Only an HTTP request's choices are counted (a beam search's per-step engine requests have no record).
+        metrics = self.metrics if record is not None else None
+        runners = [ChoiceRunner(ChoiceRun(name, len(tokens)), metrics, self.side.rates) for _ in range(params.n)]
         if record is not None:
-            record.runs.extend(runs)
+            record.runs.extend(runner.run for runner in runners)
         if admission.promotable:
-            outputs = fan_out(self.engine, self.ladder, prompt, tokens, params, request_id, kwargs, admission.index,
-                              runs, self.side)
-        else:
-            params.extra_args = naming_set(params.extra_args, name)
-            outputs = self._observed(self.engine.generate(prompt, params, request_id, **kwargs), runs, len(tokens))
-        return self._counted(outputs, runs)
+            choices = promoting_choices(self.engine, self.ladder, prompt, tokens, params, request_id, kwargs,
+                                        admission.index, runners, self.side)
+            outputs = fan_out(choices, request_id, params.output_kind is RequestOutputKind.FINAL_ONLY)
+            return self._admitted(outputs, runners, request_id, choices)
+        params.extra_args = naming_set(params.extra_args, name)
+        outputs = self._passed_through(self.engine.generate(prompt, params, request_id, **kwargs), runners,
+                                       len(tokens))
+        return self._admitted(outputs, runners, request_id)
 
-    async def _counted(self, outputs: AsyncIterator[RequestOutput],
-                       runs: list[ChoiceRun]) -> AsyncIterator[RequestOutput]:
-        """``outputs`` passed on, the request counted as running meanwhile and its choices recorded after."""
+    def _admitted(self, outputs: AsyncIterator[RequestOutput], runners: list[ChoiceRunner], request_id: str,
+                  choices: list[PromotingChoice] | None = None) -> AsyncIterator[RequestOutput]:
+        """``outputs``, with the request counted as running from now (the drain waits for it even before vLLM
+        iterates it) until it ends or is dropped unstarted; its unfinished choices end as aborted."""
         self.running += 1
-        try:
-            async with aclosing(outputs) as gen:
-                async for output in gen:
-                    yield output
-        finally:
-            self.running -= 1
-            for run in runs:
-                self.metrics.choice_done(run)
+        if choices:
+            self.promoting[request_id] = choices
+        ended = False
 
-    async def _observed(self, outputs: AsyncIterator[RequestOutput], runs: list[ChoiceRun],
-                        prompt_tokens: int) -> AsyncIterator[RequestOutput]:
-        """A request that stays in its set: vLLM's own outputs, unchanged; each choice's tokens and outcome noted,
-        its prefill timed for the side prefills' estimates."""
-        first = True
+        def end() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self.running -= 1
+                if self.promoting.get(request_id) is choices:
+                    self.promoting.pop(request_id, None)
+                for runner in runners:
+                    runner.finish("aborted")
+
+        async def passed_on() -> AsyncIterator[RequestOutput]:
+            try:
+                async with aclosing(outputs) as gen:
+                    async for output in gen:
+                        yield output
+            finally:
+                end()
+
+        wrapped = passed_on()
+        weakref.finalize(wrapped, end)
+        return wrapped
+
+    @staticmethod
+    async def _passed_through(outputs: AsyncIterator[RequestOutput], runners: list[ChoiceRunner],
+                              prompt_tokens: int) -> AsyncIterator[RequestOutput]:
+        """A request that stays in its set: vLLM's own outputs, unchanged, each choice's observed by its runner
+        (the engine request's prefill once, by the first)."""
+        for i, runner in enumerate(runners):
+            runner.segment_started(prompt_tokens if i == 0 else 0)
         try:
             async with aclosing(outputs) as gen:
                 async for output in gen:
-                    if first:
-                        self.side.observe_prefill(output, prompt_tokens)
-                        first = False
                     for completion in output.outputs:
-                        run = runs[completion.index]
-                        run.saw(completion)
+                        runner = runners[completion.index]
+                        runner.observe(completion, output)
                         if completion.finish_reason is not None:
-                            run.segment_done(output.metrics, run.completion_tokens)
-                            run.finish(completion.finish_reason)
+                            runner.finish(completion.finish_reason)
                     yield output
         except Exception:
-            for run in runs:
-                run.finish("error")
+            for runner in runners:
+                runner.finish("error")
             raise
 
 

@@ -13,7 +13,6 @@ moves on its own (choice i seeded seed + i).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from rope_ext.factors import Ladder
 from rope_ext.protocol import naming_set
 from rope_ext.selection import next_set, segment_tokens
-from server.choice_runs import ChoiceRun, Promotion
+from server.choices import ChoiceRunner, Promotion
 from server.side_prefill import SidePrefills, Warmer
 
 
@@ -79,22 +78,23 @@ class Segment:
 class PromotingChoice:
     """One choice of a promotable request: :meth:`outputs` runs its segments and stitches their outputs.
 
-    Yields what the caller asked for (``params.output_kind``): deltas, or one final output.
+    Yields what the caller asked for (``params.output_kind``): deltas, or one final output. Its runner
+    (server.choices) owns the choice's state and record and observes every output it yields.
     """
 
     def __init__(self, engine: Any, ladder: Ladder, prompt: dict, tokens: list[int], params: SamplingParams,
-                 request_id: str, kwargs: dict[str, Any], start: int, run: ChoiceRun, choice: int,
+                 request_id: str, kwargs: dict[str, Any], start: int, runner: ChoiceRunner, choice: int,
                  side: SidePrefills | None = None):
         self.engine, self.ladder, self.kwargs = engine, ladder, kwargs
         self.prompt, self.tokens, self.params = prompt, tokens, params
-        self.request_id, self.run, self.choice = request_id, run, choice
+        self.request_id, self.runner, self.choice = request_id, runner, choice
         self.set_index = start
         self.final_only = params.output_kind is RequestOutputKind.FINAL_ONLY
         self.scanner = StopScanner(params.stop, params.include_stop_str_in_output) if params.stop else None
         self.warmer = Warmer(side, request_id) if side is not None and side.enabled else None
-        self.switched_at: float | None = None  # when the last token before a switch arrived
         self.generated: list[int] = []
         self.segments = 0
+        self.segment_id = request_id  # the engine request running now
         self.total: CompletionOutput | None = None  # what a final-only caller gets at the end
         self.cumulative_before = 0.0  # the finished segments' cumulative logprobs, for a final-only caller
         self.first: RequestOutput | None = None  # its prompt logprobs are the request's
@@ -102,17 +102,21 @@ class PromotingChoice:
         self.promote = False
         self.last: CompletionOutput | None = None
 
+    @property
+    def engine_request_ids(self) -> list[str]:
+        """The engine requests working for this choice now: its segment, a side prefill in flight."""
+        return [self.segment_id, *(self.warmer.request_ids if self.warmer is not None else [])]
+
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         try:
             while True:
                 segment = self.plan_segment()
                 self.promote = False
+                self.segment_id = segment.request_id
+                self.runner.segment_started(len(segment.prompt["prompt_token_ids"]))
                 async with aclosing(self.engine.generate(segment.prompt, segment.params, segment.request_id,
                                                          **self.kwargs)) as outputs:
                     async for output in outputs:
-                        self.observe_switch(output)
-                        if self.warmer is not None and not self.generated[segment.generated_before:]:
-                            self.warmer.side.observe_prefill(output, len(segment.prompt["prompt_token_ids"]))
                         stitched = self.stitch(output, segment)
                         if stitched is not None:
                             yield stitched
@@ -120,17 +124,15 @@ class PromotingChoice:
                             break  # leaving the block closes the engine request (aborts it)
                         self.warm_next_set(segment)
                 if not self.promote:
-                    self.run.finish("stop" if self.stop_hit else self.last and self.last.finish_reason)
+                    self.runner.finish("stop" if self.stop_hit else self.last and self.last.finish_reason)
                     return
-                self.switched_at = time.monotonic()
                 side_prefills = 0
                 if self.warmer is not None:
                     await self.warmer.settle()
                     side_prefills = self.warmer.reset()
-                self.promote_choice()
-                self.run.promotions[-1].side_prefills = side_prefills
+                self.promote_choice(side_prefills)
         except Exception:
-            self.run.finish("error")
+            self.runner.finish("error")
             raise
         finally:
             if self.warmer is not None:
@@ -148,21 +150,11 @@ class PromotingChoice:
         """Within the lead of a window this segment will reach: a side prefill toward the next set."""
         if self.warmer is None or not segment.capped:
             return
-        self.warmer.saw_tokens(len(self.last.token_ids) if self.last is not None else 0)
         switch_at = len(self.tokens) + segment.generated_before + segment.params.max_tokens
         generated_then = switch_at - len(self.tokens)
         upcoming = next_set(self.ladder, switch_at, self.params.max_tokens - generated_then)
         self.warmer.maybe_start(self.sequence_prompt, len(self.tokens) + len(self.generated), switch_at,
-                                self.ladder.sets[upcoming].name, self.kwargs)
-
-    def observe_switch(self, output: RequestOutput) -> None:
-        """The first tokens after a switch: how long the stream stalled, how much the prefix cache held."""
-        if self.switched_at is None or not output.outputs[0].token_ids:
-            return
-        promotion = self.run.promotions[-1]
-        promotion.stall_s = time.monotonic() - self.switched_at
-        promotion.cached_tokens = output.num_cached_tokens or 0
-        self.switched_at = None
+                                self.ladder.sets[upcoming].name, self.kwargs, self.runner.decode_s_per_token)
 
     def plan_segment(self) -> Segment:
         """The next engine request: this set, capped at its window; after a switch, prompt + generated."""
@@ -190,7 +182,7 @@ class PromotingChoice:
         delta = self.last = output.outputs[0]
         self.first = self.first or output
         self.generated.extend(delta.token_ids)
-        self.run.saw(delta)
+        self.runner.observe(delta, output)
         delta.index = self.choice
         if self.scanner is not None:
             delta.text, self.stop_hit = self.scanner.feed(delta.text)
@@ -201,8 +193,6 @@ class PromotingChoice:
             if self.scanner is not None and not self.promote:
                 delta.text += self.scanner.flush()
         segment_ended = delta.finish_reason is not None
-        if segment_ended:
-            self.run.segment_done(output.metrics, len(self.generated) - segment.generated_before)
         if self.promote:
             delta.finish_reason = delta.stop_reason = None
         output.request_id, output.prompt_token_ids = self.request_id, self.tokens
@@ -219,23 +209,23 @@ class PromotingChoice:
             return output
         return None
 
-    def promote_choice(self) -> None:
+    def promote_choice(self, side_prefills: int) -> None:
         """Move to the next set that holds the sequence so far; the next segment prefills it there."""
         sequence = len(self.tokens) + len(self.generated)
         was = self.ladder.sets[self.set_index].name
         self.set_index = next_set(self.ladder, sequence, self.params.max_tokens - len(self.generated))
-        self.run.promotions.append(Promotion(was, self.ladder.sets[self.set_index].name, sequence))
+        self.runner.switching(Promotion(was, self.ladder.sets[self.set_index].name, sequence,
+                                        side_prefills=side_prefills))
         self.segments += 1
 
 
-def fan_out(engine: Any, ladder: Ladder, prompt: dict, tokens: list[int], params: SamplingParams, request_id: str,
-            kwargs: dict[str, Any], start: int, runs: list[ChoiceRun],
-            side: SidePrefills | None = None) -> AsyncIterator[RequestOutput]:
-    """All choices of a promotable request: one engine request per choice (n = 1 each, seed + i), their
-    outputs as they come (streams) or merged into one final output."""
+def promoting_choices(engine: Any, ladder: Ladder, prompt: dict, tokens: list[int], params: SamplingParams,
+                      request_id: str, kwargs: dict[str, Any], start: int, runners: list[ChoiceRunner],
+                      side: SidePrefills | None = None) -> list[PromotingChoice]:
+    """A promotable request's choices: one engine request each (n = 1 each, choice i seeded seed + i)."""
     if params.n == 1:
-        return PromotingChoice(engine, ladder, prompt, tokens, params, request_id, kwargs, start, runs[0], 0,
-                               side).outputs()
+        return [PromotingChoice(engine, ladder, prompt, tokens, params, request_id, kwargs, start, runners[0], 0,
+                                side)]
     choices = []
     for i in range(params.n):
         one = params.clone()
@@ -243,14 +233,27 @@ def fan_out(engine: Any, ladder: Ladder, prompt: dict, tokens: list[int], params
         if one.seed is not None:
             one.seed = params.seed + i  # n choices from one seed must still differ
         choices.append(PromotingChoice(engine, ladder, prompt, tokens, one, f"{request_id}-{i}", kwargs, start,
-                                       runs[i], i, side).outputs())
-    if params.output_kind is RequestOutputKind.FINAL_ONLY:
-        return _merged_finals(choices, request_id)
-    return _interleaved(choices, request_id)
+                                       runners[i], i, side))
+    return choices
+
+
+def fan_out(choices: list[PromotingChoice], request_id: str, final_only: bool) -> AsyncIterator[RequestOutput]:
+    """The choices' outputs as they come (streams) or merged into one final output."""
+    if len(choices) == 1:
+        return choices[0].outputs()
+    if final_only:
+        return _merged_finals([c.outputs() for c in choices], request_id)
+    return _interleaved([c.outputs() for c in choices], request_id)
 
 
 async def _merged_finals(choices: list[AsyncIterator[RequestOutput]], request_id: str) -> AsyncIterator[RequestOutput]:
-    finals = await asyncio.gather(*(_last(gen) for gen in choices))
+    """Every choice's final output as one; a choice that fails cancels the others (they stop generating)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_last(gen)) for gen in choices]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    finals = [task.result() for task in tasks]
     merged = finals[0]
     merged.request_id = request_id
     merged.outputs = [f.outputs[0] for f in finals]

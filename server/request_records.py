@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rope_ext.protocol import Refusal
-from server.choice_runs import ChoiceRun
+from server.choices import ChoiceRun
 
 HTTP_REQUEST_KEY = "longrope_http_request"  # in vllm_xargs / extra_args: the id of the record to fill
 

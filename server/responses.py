@@ -16,7 +16,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import Message, Send
 
-from server.choice_runs import ChoiceRun
+from server.choices import ChoiceRun
 from server.openai_errors import openai_error
 from server.request_records import RequestRecord
 

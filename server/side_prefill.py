@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from vllm.exceptions import GracefulHTTPError
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from rope_ext.protocol import naming_set
@@ -44,7 +44,8 @@ def smoothed(estimate: float | None, sample: float) -> float:
 
 @dataclass
 class Rates:
-    """Running estimates, shared by every request of the engine client."""
+    """Running estimates, shared by every request of the engine client: every choice's runner feeds them
+    (server.choices), side prefills' own prefills too."""
 
     prefill_tokens_per_s: float = FIRST_PREFILL_TOKENS_PER_S
     decode_s_per_token: float = FIRST_DECODE_S_PER_TOKEN
@@ -56,6 +57,15 @@ class Rates:
     def decoded(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
             self.decode_s_per_token = smoothed(self.decode_s_per_token, seconds / tokens)
+
+    def observe_prefill(self, output: Any, prompt_tokens: int) -> None:
+        """A request's first output: how fast the engine prefilled the part of its prompt that was not
+        cached, from the engine core's own timestamps (scheduled to first token)."""
+        stats = output.metrics
+        tokens = prompt_tokens - (output.num_cached_tokens or 0)
+        if stats is None or not stats.first_token_ts or not stats.scheduled_ts or tokens < SMALLEST_PREFILL_SAMPLE:
+            return
+        self.prefilled(tokens, stats.first_token_ts - stats.scheduled_ts)
 
 
 class SidePrefills:
@@ -89,20 +99,17 @@ class SidePrefills:
         step = decode_s_per_token or self.rates.decode_s_per_token
         return tail / self.rates.prefill_tokens_per_s > step
 
-    def observe_prefill(self, output: Any, prompt_tokens: int) -> None:
-        """A request's first output (any request's): how fast the engine prefilled the part of its prompt
-        that was not cached, from the engine core's own timestamps (scheduled to first token)."""
-        stats = output.metrics
-        tokens = prompt_tokens - (output.num_cached_tokens or 0)
-        if stats is None or not stats.first_token_ts or not stats.scheduled_ts or tokens < SMALLEST_PREFILL_SAMPLE:
-            return
-        self.rates.prefilled(tokens, stats.first_token_ts - stats.scheduled_ts)
-
-    def start(self, prompt: dict, set_name: str, request_id: str, kwargs: dict[str, Any]) -> asyncio.Task:
+    def start(self, prompt: dict, set_name: str, request_id: str, kwargs: dict[str, Any]) -> asyncio.Task | None:
         """Prefill ``prompt`` under ``set_name`` as a one-token side request; the task ends when it is cached.
 
         ``kwargs``: the request's own engine arguments (its LoRA adapter, priority, data-parallel rank): the
-        prefix cache keys blocks by the adapter, and the continuation must land where the blocks are."""
+        prefix cache keys blocks by the adapter, and the continuation must land where the blocks are. None,
+        and nothing started, when vLLM's admission limits (``--max-num-queued-reqs``, ``--max-num-queued-tokens``)
+        have no room for one more engine request: a side prefill counts like any request, and it is optional."""
+        try:
+            self.engine.check_admission(1, request_id)
+        except GracefulHTTPError:
+            return None
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY, extra_args=naming_set(None, set_name))
         return asyncio.create_task(self._run(prompt, params, request_id, set_name, kwargs))
@@ -111,7 +118,7 @@ class SidePrefills:
                    kwargs: dict[str, Any]) -> None:
         async with aclosing(self.engine.generate(prompt, params, request_id, **kwargs)) as outputs:
             async for output in outputs:
-                self.observe_prefill(output, len(prompt["prompt_token_ids"]))
+                self.rates.observe_prefill(output, len(prompt["prompt_token_ids"]))
         self.metrics.side_prefill(set_name)
 
 
@@ -125,37 +132,36 @@ class Warmer:
         self.pending = 0  # sequence length the side prefill in flight will hold
         self.count = 0  # side prefills toward the coming switch
         self.started = 0  # side prefills of this choice (their request ids)
-        self.decode_s_per_token: float | None = None  # this request's own, once measured
-        self.last_output: float | None = None
+        self.in_flight = ""  # the request id of the last one started
 
-    def saw_tokens(self, tokens: int) -> None:
-        """The request produced ``tokens`` tokens now: its decode rate, and the engine-wide one."""
-        now = time.monotonic()
-        if self.last_output is not None and tokens:
-            seconds = now - self.last_output
-            self.decode_s_per_token = smoothed(self.decode_s_per_token, seconds / tokens)
-            self.side.rates.decoded(tokens, seconds)
-        self.last_output = now
+    @property
+    def request_ids(self) -> list[str]:
+        """The side request in flight, if any (an abort of the choice must reach it)."""
+        return [self.in_flight] if self.task is not None and not self.task.done() else []
 
     def maybe_start(self, prompt: Callable[[], dict], sequence: int, switch_at: int, next_set: str,
-                    kwargs: dict[str, Any]) -> None:
+                    kwargs: dict[str, Any], decode_s_per_token: float | None) -> None:
         """Start a side prefill of ``prompt()`` (``sequence`` tokens) under ``next_set`` if the window
-        (``switch_at``) is within the lead and no side prefill is in flight."""
+        (``switch_at``) is within the lead and no side prefill is in flight. ``decode_s_per_token``: the
+        choice's own decode rate, once measured (server.choices)."""
         if self.task is not None:
             if not self.task.done():
                 return
             self._collect()
         tail = sequence - self.covered
         left = switch_at - sequence
-        if left <= 0 or tail < SMALLEST_TAIL or left > self.side.lead(switch_at - self.covered,
-                                                                       self.decode_s_per_token):
+        if left <= 0 or tail < SMALLEST_TAIL or left > self.side.lead(switch_at - self.covered, decode_s_per_token):
             return
-        if self.covered and not self.side.worth_it(tail, self.decode_s_per_token):
+        if self.covered and not self.side.worth_it(tail, decode_s_per_token):
             return  # a tail the switch prefills within about one decode step is cheaper left to it
         self.count += 1
         self.started += 1
         self.pending = sequence
-        self.task = self.side.start(prompt(), next_set, f"{self.request_id}-prefill{self.started}", kwargs)
+        self.in_flight = f"{self.request_id}-prefill{self.started}"
+        self.task = self.side.start(prompt(), next_set, self.in_flight, kwargs)
+        if self.task is None:  # no room in vLLM's queue: the switch prefills it, as without side prefills
+            self.count -= 1
+            self.pending = self.covered
 
     async def settle(self) -> None:
         """At the switch: let a side prefill in flight finish (its blocks are the continuation's head; one that
@@ -170,7 +176,6 @@ class Warmer:
         count, self.count = self.count, 0
         self.covered = self.pending = 0
         self.task = None
-        self.last_output = None  # the stall ahead is no decode step
         return count
 
     async def close(self) -> None:

@@ -145,7 +145,7 @@ def test_deployments_probe_health_and_outlast_the_drain(variant):
     assert pod["terminationGracePeriodSeconds"] > drain
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     hpa = yaml.safe_load((KUBE / variant / "hpa.yaml").read_text())
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "longrope_engine_requests_waiting"
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
 
 
 def serve_args_of(path: Path) -> list[str]:

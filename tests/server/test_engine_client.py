@@ -23,7 +23,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from rope_ext.models.tiny import tiny_ladder
 from rope_ext.protocol import ROPE_SET_KEY
 from rope_ext.selection import Policy
-from server.choice_runs import ChoiceRun
+from server.choices import ChoiceRun
 from server.engine_client import LadderEngineClient
 from server.metrics import ServerMetrics
 from server.request_records import HTTP_REQUEST_KEY
@@ -76,6 +76,9 @@ class FakeEngine:
     exits: dict[str, int] = field(default_factory=dict)
     prefix_caching: bool = True
     prefilled: list[tuple[str | None, list[int]]] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    failing: set[str] = field(default_factory=set)  # request ids whose first output raises instead
+    slow_start: dict[str, float] = field(default_factory=dict)  # request id: seconds before its first output
 
     def __post_init__(self):
         self.engine_core = SimpleNamespace(resources=SimpleNamespace(
@@ -92,6 +95,9 @@ class FakeEngine:
 
     async def _outputs(self, call: Call):
         params = call.params
+        await asyncio.sleep(self.slow_start.get(call.request_id, 0))
+        if call.request_id in self.failing:
+            raise RuntimeError(f"engine request {call.request_id} failed")
         try:
             reported = False  # prompt logprobs come with the request's first output
             reported_prefill = False
@@ -126,6 +132,9 @@ class FakeEngine:
 
     def check_admission(self, n=1, request_id=None):
         pass
+
+    async def abort(self, request_id, internal=False):
+        self.aborted.extend([request_id] if isinstance(request_id, str) else request_id)
 
     async def check_health(self):
         if self.errored:
@@ -410,3 +419,74 @@ def test_the_record_key_stays_in_the_front_end():
     outputs, record = generate_recorded(ladder_client, PROMPT, params(30))
     collect(outputs)
     assert record.runs and all(HTTP_REQUEST_KEY not in (c.params.extra_args or {}) for c in engine.calls)
+
+
+
+def test_the_drain_counts_a_request_from_its_admission():
+    """vLLM calls generate, then iterates later: the drain must wait for a request admitted but not started;
+    one dropped unstarted (its client left before the first output) stops counting."""
+    import gc
+
+    ladder_client, _ = client()
+    outputs, record = generate_recorded(ladder_client, PROMPT, params(30))
+    assert ladder_client.running == 1
+    del outputs
+    gc.collect()
+    assert ladder_client.running == 0 and record.runs[0].outcome == "aborted"
+
+
+def test_abort_by_id_reaches_every_engine_request_of_a_promoted_choice():
+    """vLLM's abort(request_id) once reached the first segment only: after a switch the engine request is
+    'r-s1', and choices of n > 1 run as 'r-0', 'r-1'."""
+    async def run():
+        ladder_client, engine = client()
+        outputs, _ = generate_recorded(ladder_client, [1] * (SHORT - 5), params(30))
+        async for output in outputs:
+            if engine.calls[-1].request_id == "r-s1":
+                break
+        await ladder_client.abort("r")
+        await outputs.aclose()
+        return engine.aborted
+
+    assert asyncio.run(run()) == ["r", "r-s1"]
+
+
+def test_a_failed_choice_stops_its_siblings():
+    """A non-streamed n = 2 request whose choice 0 fails: choice 1 stops generating too (it went on before)."""
+    ladder_client, engine = client()
+    engine.failing.add("r-0")
+    engine.slow_start["r-1"] = 0.0
+    outputs, record = generate_recorded(ladder_client, [1] * (SHORT - 5),
+                                        params(200, n=2, seed=1, output_kind=RequestOutputKind.FINAL_ONLY))
+    with pytest.raises(RuntimeError, match="r-0 failed"):
+        collect(outputs)
+    sibling = [c for c in engine.calls if c.request_id.startswith("r-1")]
+    assert sibling and all(c.ended == "closed" for c in sibling) and sum(c.produced for c in sibling) < 200
+    assert [r.outcome for r in record.runs] == ["error", "aborted"] and ladder_client.running == 0
+
+
+def test_each_gap_the_client_sees_is_an_inter_token_latency_and_the_switch_shows():
+    """One observation per delivery after the first (not each segment's average), so the stall at a switch is
+    one of them: the continuation here waits 0.3 s before its first token."""
+    ladder_client, engine = client()
+    engine.slow_start["r-s1"] = 0.3
+    outputs, record = generate_recorded(ladder_client, [1] * (SHORT - 5), params(12))
+    collect(outputs)
+    labels = {"rope_set": "mid"}
+    assert metric(ladder_client, "longrope_inter_token_latency_seconds_count", rope_set="short") + metric(
+        ladder_client, "longrope_inter_token_latency_seconds_count", **labels) == 11
+    assert metric(ladder_client, "longrope_inter_token_latency_seconds_bucket", le="0.25", **labels) < metric(
+        ladder_client, "longrope_inter_token_latency_seconds_count", **labels)
+    (promotion,) = record.runs[0].promotions
+    assert promotion.stall_s >= 0.3
+    assert metric(ladder_client, "longrope_time_to_first_token_seconds_count", rope_set="short") == 1
+
+
+def test_engine_requests_that_are_no_clients_choice_are_not_counted():
+    """vLLM's beam search calls generate once per beam and step, with no record: none is a finished choice."""
+    ladder_client, _ = client()
+    collect(ladder_client.generate({"prompt_token_ids": PROMPT}, params(1), "r-beam-0"))
+    assert metric(ladder_client, "longrope_requests_finished_total", rope_set="short", outcome="length") == 0
+    outputs, _ = generate_recorded(ladder_client, PROMPT, params(1))
+    collect(outputs)
+    assert metric(ladder_client, "longrope_requests_finished_total", rope_set="short", outcome="length") == 1

@@ -86,11 +86,12 @@ def test_prometheus_counts_what_was_sent_per_set(tiny_server, prometheus_base):
     assert got == want
 
 
-def test_engine_gauges_and_http_counter_are_exposed(tiny_server):
+def test_vllms_gauges_are_vllms_and_the_http_counter_ours(tiny_server):
+    """The engine's gauges are vLLM's own series (the dashboard and the HPA read them); none is repeated."""
     table = samples(scrape(tiny_server))
     names = {name for name, _ in table}
-    assert {"longrope_engine_requests_running", "longrope_engine_requests_waiting",
-            "longrope_kv_cache_usage_ratio", "vllm:num_requests_running"} <= names
+    assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"} <= names
+    assert not {n for n in names if n.startswith("longrope_engine_") or n == "longrope_kv_cache_usage_ratio"}
     assert value(table, "longrope_http_requests_total", route="/v1/completions", method="POST", status="200") > 0
 
 

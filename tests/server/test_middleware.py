@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from rope_ext.models.tiny import tiny_ladder
 from rope_ext.protocol import UnknownSet, vllm_error
-from server.choice_runs import ChoiceRun, Promotion
+from server.choices import ChoiceRun, Promotion
 from server.metrics import ServerMetrics
 from server.middleware import LongRopeMiddleware
 from server.openai_errors import openai_error

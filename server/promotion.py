@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from vllm.outputs import CompletionOutput, RequestOutput
@@ -28,34 +29,32 @@ from server.choices import ChoiceRunner, Promotion
 from server.side_prefill import SidePrefills, Warmer
 
 
-class StopScanner:
-    """Finds stop strings in text that arrives in pieces, holding back a tail that could start one.
+class WholeChoiceStops:
+    """vLLM's own stop-string rule over a choice's whole text, across its segments: vLLM's incremental
+    detokenizer (its ``check_stop_strings``, ``min_tokens`` and ``include_stop_str_in_output`` included),
+    fed every token the choice generates.
 
-    vLLM checks stop strings per engine request, so one that straddles a switch would be missed
-    there: a promotable choice checks them here instead, across its segments.
+    vLLM checks stop strings per engine request, so one that straddles a switch would be missed there: a
+    promotable choice's segments run without them, and this one detokenizer, built once from the request's
+    own prompt and parameters as the engine builds its own, decides. Stop token ids stay with the engine
+    (one token cannot straddle a switch).
     """
 
-    def __init__(self, stops: list[str], include: bool):
-        self.stops = [s for s in stops if s]
-        self.include = include
-        self.pending = ""
+    def __init__(self, tokenizer: Any, request_id: str, prompt_tokens: list[int], params: SamplingParams):
+        from vllm.v1.engine.detokenizer import IncrementalDetokenizer
 
-    def feed(self, text: str) -> tuple[str, str | None]:
-        """(text safe to emit, the stop string reached or None)."""
-        buffer = self.pending + text
-        hits = sorted((i, s) for s in self.stops if (i := buffer.find(s)) != -1)
-        if hits:
-            at, stop = hits[0]
-            self.pending = ""
-            return buffer[: at + (len(stop) if self.include else 0)], stop
-        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buffer)), 0, -1)
-                    if buffer.endswith(s[:k])), default=0)
-        self.pending = buffer[len(buffer) - keep:] if keep else ""
-        return buffer[: len(buffer) - keep], None
+        # What the detokenizer reads of an EngineCoreRequest (server/vllm_internals.py lists them).
+        request = SimpleNamespace(request_id=request_id, sampling_params=params, prompt_token_ids=prompt_tokens,
+                                  prompt_embeds=None)
+        self.detokenizer = IncrementalDetokenizer.from_new_request(tokenizer, request)
 
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
+    def feed(self, token_ids: list[int], stop_terminated: bool, finished: bool) -> tuple[str, list[int], str | None]:
+        """(text to emit, the tokens kept, the stop string reached or None) for ``token_ids`` just generated.
+        ``stop_terminated``: the engine ended on a stop token or EOS; ``finished``: the choice ends here."""
+        before = self.detokenizer.num_output_tokens()
+        stop = self.detokenizer.update(token_ids, stop_terminated)
+        kept = self.detokenizer.output_token_ids[before:]
+        return self.detokenizer.get_next_output_text(finished or stop is not None, delta=True), kept, stop
 
 
 @dataclass
@@ -90,7 +89,7 @@ class PromotingChoice:
         self.request_id, self.runner, self.choice = request_id, runner, choice
         self.set_index = start
         self.final_only = params.output_kind is RequestOutputKind.FINAL_ONLY
-        self.scanner = StopScanner(params.stop, params.include_stop_str_in_output) if params.stop else None
+        self.stops = WholeChoiceStops(engine.tokenizer, request_id, tokens, params) if params.stop else None
         self.warmer = Warmer(side, request_id) if side is not None and side.enabled else None
         self.generated: list[int] = []
         self.segments = 0
@@ -162,9 +161,9 @@ class PromotingChoice:
         left = self.params.max_tokens - len(self.generated)
         params.max_tokens = segment_tokens(self.ladder, self.set_index, len(self.tokens) + len(self.generated), left)
         params.extra_args = naming_set(self.params.extra_args, self.ladder.sets[self.set_index].name)
-        if self.scanner is not None:  # checked across segments, by the scanner
+        if self.stops is not None:  # checked across segments, over the whole choice
             params.stop = []
-        if self.scanner is not None or self.warmer is not None:  # seen as they come (stitch rebuilds a final)
+        if self.stops is not None or self.warmer is not None:  # seen as they come (stitch rebuilds a final)
             params.output_kind = RequestOutputKind.DELTA
         if not self.segments:
             return Segment(self.set_index, self.prompt, params, self.request_id, left, 0)
@@ -181,17 +180,17 @@ class PromotingChoice:
         """
         delta = self.last = output.outputs[0]
         self.first = self.first or output
+        ended = delta.finish_reason is not None
+        self.promote = ended and delta.finish_reason == "length" and segment.capped
+        if self.stops is not None:
+            delta.text, kept, self.stop_hit = self.stops.feed(list(delta.token_ids), delta.finish_reason == "stop",
+                                                              ended and not self.promote)
+            if self.stop_hit is not None:
+                delta.token_ids = kept
+                delta.finish_reason, delta.stop_reason, self.promote = "stop", self.stop_hit, False
         self.generated.extend(delta.token_ids)
         self.runner.observe(delta, output)
         delta.index = self.choice
-        if self.scanner is not None:
-            delta.text, self.stop_hit = self.scanner.feed(delta.text)
-            if self.stop_hit is not None:
-                delta.finish_reason, delta.stop_reason = "stop", self.stop_hit
-        if delta.finish_reason is not None and self.stop_hit is None:
-            self.promote = delta.finish_reason == "length" and segment.capped
-            if self.scanner is not None and not self.promote:
-                delta.text += self.scanner.flush()
         segment_ended = delta.finish_reason is not None
         if self.promote:
             delta.finish_reason = delta.stop_reason = None

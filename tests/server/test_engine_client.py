@@ -10,6 +10,7 @@ tests/server/test_promotion.py against the transformers reference.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -32,6 +33,25 @@ pytestmark = pytest.mark.unit
 
 LADDER = tiny_ladder()  # windows 256, 512, 1024
 SHORT, MID = LADDER.sets[0].window, LADDER.sets[1].window
+
+
+@functools.cache
+def letter_tokenizer():
+    """vLLM's own tokenizer over a word-level vocabulary of the 26 letters (token i is letter i): the one the
+    fake engine's text is written in, so vLLM's detokenizer decodes it as the fake engine does."""
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from vllm.tokenizers import get_tokenizer
+
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"<unk>": 26}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    folder = tempfile.mkdtemp(prefix="letters-")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
+    return get_tokenizer(folder)
 
 
 def next_token(sequence: list[int], seed: int) -> int:
@@ -79,6 +99,10 @@ class FakeEngine:
     aborted: list[str] = field(default_factory=list)
     failing: set[str] = field(default_factory=set)  # request ids whose first output raises instead
     slow_start: dict[str, float] = field(default_factory=dict)  # request id: seconds before its first output
+
+    @property
+    def tokenizer(self):
+        return letter_tokenizer()
 
     def __post_init__(self):
         self.engine_core = SimpleNamespace(resources=SimpleNamespace(
@@ -237,6 +261,24 @@ def test_a_stop_string_across_the_switch_stops_and_aborts_the_segment():
     final = outputs[-1].outputs[0]
     assert (final.finish_reason, final.stop_reason, outputs[-1].finished) == ("stop", stop, True)
     assert engine.calls[-1].ended == "closed" and runs[0].outcome == "stop"
+
+
+@pytest.mark.parametrize("hold", [False, True])
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_strings_follow_vllms_rule_across_the_switch(hold, include):
+    """vLLM's own detokenizer decides, over the whole choice: min_tokens holds a stop back (the promotable
+    path once ignored it and stopped at the first match), include_stop_str_in_output keeps it. The stop
+    string is a letter that occurs after the switch (6 tokens in) and again later."""
+    whole = "".join(map(letter, uninterrupted(PROMPT, 30)))
+    first = next(i for i in range(6, 20) if whole.find(whole[i], i + 4) > 0 and whole.find(whole[i]) == i)
+    stop, later = whole[first], whole.find(whole[first], first + 4)
+    min_tokens, at = (first + 2, later) if hold else (0, first)
+    ladder_client, _ = client()
+    outputs, runs = admitted(ladder_client, PROMPT, params(30, stop=[stop], min_tokens=min_tokens,
+                                                               include_stop_str_in_output=include))
+    text = "".join(c.text for o in outputs for c in o.outputs)
+    assert text == whole[: at + (1 if include else 0)]
+    assert outputs[-1].outputs[0].stop_reason == stop and runs[0].outcome == "stop" and runs[0].promotions
 
 
 def test_n_choices_each_promoted_on_their_own_with_their_own_seed():

@@ -15,8 +15,10 @@ MODEL_DIR = "LONGROPE_MODEL_DIR"  # where `longrope prepare-model` puts the defa
 BOOKS_DIR = "LONGROPE_BOOKS_DIR"  # the public-domain books of the evaluations (default: data/books)
 SERVE_PREFIX = "LONGROPE_"  # LONGROPE_<DEST> sets any `longrope serve` flag (server/serve.py)
 CACHE_HOME = "XDG_CACHE_HOME"  # where the user's caches live (default ~/.cache)
-# vLLM's own variable that the plugin sets when it is unset.
+# vLLM's own variables: the plugin sets the first when it is unset; the selftest sizes its CPU engines' KV cache
+# with the second.
 LONG_MAX_MODEL_LEN = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"
+CPU_KV_CACHE_GIB = "VLLM_CPU_KVCACHE_SPACE"
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")

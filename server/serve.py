@@ -1,7 +1,8 @@
 """`longrope serve`: vLLM's own OpenAI server (its parser, app and launcher) over our engine client.
 
-Every `vllm serve` flag works; ours (``--factors``, ``--rope-policy``, ``--max-body-bytes``) are
-added to vLLM's parser, so ``longrope serve --help`` lists them all. Any flag can also come from
+Every `vllm serve` flag works; ours (the "longrope-serve" group in ``build_parser``: the factor file,
+the policy, side prefills and the start rule, the body limits, the metrics key) are added to vLLM's
+parser, so ``longrope serve --help`` lists them all. Any flag can also come from
 an environment variable ``LONGROPE_<DEST>`` (``LONGROPE_PORT=9000``, ``LONGROPE_API_KEY=a,b``),
 for container images. What fails at start-up ends the process: 2 for a bad flag or factor file,
 1 when the engine cannot start or dies later, with the reason on stderr.

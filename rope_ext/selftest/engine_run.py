@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rope_ext import environment
+
 
 class EngineRunFailed(AssertionError):
     """The engine process exited non-zero; the message holds the ends of its output."""
@@ -27,7 +29,7 @@ def run_in_process(spec: dict, env: dict[str, str], workdir: Path, name: str, ti
     """Run ``spec`` in a fresh Python process with ``env`` added; return its results."""
     spec_path, out_path = workdir / f"{name}-spec.json", workdir / f"{name}-out.json"
     spec_path.write_text(json.dumps(spec))
-    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env}
+    full_env = {**os.environ, environment.CPU_KV_CACHE_GIB: "1", **env}
     result = subprocess.run(
         [sys.executable, "-m", "rope_ext.selftest.engine_run", str(spec_path), str(out_path)],
         env=full_env, capture_output=True, text=True, timeout=timeout,

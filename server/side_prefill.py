@@ -2,9 +2,9 @@
 
 A promoted request is prefilled again under the next set (prompt + what it generated: docs/design.md says
 why). Done at the switch, that prefill stops the stream for its whole length (seconds for 8192 tokens of a
-small model on a CPU: bench/README.md). Done early, as a *side request* of one token under the next set (same prompt shape, so the
-same cache salt), its KV blocks enter vLLM's prefix cache while the decode goes on; at the switch the
-continuation finds them and prefills only the tokens generated since. A side prefill that leaves a long
+small model on a CPU: bench/README.md). Done early, as a *side request* of one token under the next set
+(same prompt shape, so the same cache salt), its KV blocks enter vLLM's prefix cache while the decode goes
+on; at the switch the continuation finds them and prefills only the tokens generated since. A side prefill that leaves a long
 tail (a slow prefill beside a fast decode) is followed by another over the tail, and so on, while the window
 is still ahead.
 

@@ -2,11 +2,11 @@
 
 A promoted request is prefilled again under the next set (prompt + what it generated: docs/design.md says
 why). Done at the switch, that prefill stops the stream for its whole length (seconds for 8192 tokens of a
-small model on a CPU: bench/README.md). Done early, as a *side request* of one token under the next set
-(same prompt shape, so the same cache salt), its KV blocks enter vLLM's prefix cache while the decode goes
-on; at the switch the continuation finds them and prefills only the tokens generated since. A side prefill that leaves a long
-tail (a slow prefill beside a fast decode) is followed by another over the tail, and so on, while the window
-is still ahead.
+small model on a CPU: bench/README.md). Done early, as a *side request* of one token under the next set (same
+prompt shape, so the same cache salt), its KV blocks enter vLLM's prefix cache while the decode goes on; at
+the switch the continuation finds them and prefills only the tokens generated since. A side prefill that
+leaves a long tail (a slow prefill beside a fast decode) is followed by another over the tail, and so on,
+while the window is still ahead.
 
 When to start: the *lead* is how many of the request's own decode steps the prefill will take, from running
 estimates of the engine's prefill rate (timed on every segment's and side prefill's first output) and the

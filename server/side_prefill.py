@@ -10,9 +10,9 @@ while the window is still ahead.
 
 When to start: the *lead* is how many of the request's own decode steps the prefill will take, from running
 estimates of the engine's prefill rate (timed on every segment's and side prefill's first output) and the
-request's decode rate (server.choices feeds both); one
-begins when the tokens left before the window fall to the lead. Side requests are invisible to clients and
-to the ``longrope_*`` request metrics; they have their own counter.
+request's decode rate (server.choices feeds both); one begins when the tokens left before the window fall to
+the lead. Side requests are invisible to clients and to the ``longrope_*`` request metrics; they have their
+own counter.
 """
 
 from __future__ import annotations

@@ -173,7 +173,8 @@ def tiny_check(workdir: Path, progress: Progress, parallel: dict, compare_modes:
     return rows
 
 
-def model_check(model_dir: Path, workdir: Path, progress: Progress, parallel: dict) -> list[Row]:
+def model_check(model_dir: Path, workdir: Path, progress: Progress, parallel: dict,
+                modes: dict[str, dict] = MODES) -> list[Row]:
     from rope_ext.vllm_plugin.model_ladder import ladder_for_model
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -189,7 +190,7 @@ def model_check(model_dir: Path, workdir: Path, progress: Progress, parallel: di
     engine = {"dtype": "float32", "max_model_len": ladder.sets[-1].window, "max_num_batched_tokens": 2048,
               "enable_prefix_caching": False, "seed": 0, "skip_tokenizer_init": True}
     spec = {"model": str(model_dir), "engine": engine, "requests": model_requests(ladder, config["vocab_size"])}
-    return check(model_dir, factors, ladder, spec, model_dir.name, workdir, progress, parallel, MODES)
+    return check(model_dir, factors, ladder, spec, model_dir.name, workdir, progress, parallel, modes)
 
 
 def print_table(rows: list[Row]) -> None:

@@ -3,9 +3,10 @@ fields, the sets in ``/v1/models``, and OpenAI's error object for every error, v
 
 The facts come from the request's record (server.request_records): the choices the engine client admitted
 and a refusal it raised. A JSON body that needs a change is held until complete, parsed once, changed and
-sent whole. A stream is passed on event by event: bytes are held only until an event is complete (an event
-may be split across ASGI messages), and only a ``data:`` event that finishes a choice or carries an error
-is changed.
+sent whole. A stream (vLLM's Server-Sent Events: ``data: <JSON>`` events ended by a blank line, the last
+``data: [DONE]``) is passed on event by event: bytes are held only until an event is complete (an event may
+be split across ASGI messages), and only a ``data:`` event that finishes a choice or carries an error is
+changed.
 """
 
 from __future__ import annotations

@@ -26,7 +26,11 @@ SERVER_INTERNALS = (
              "builds vLLM's app over our engine client and serves it (our middleware via --middleware)",
              ("engine_client", "listen_address", "sock", "args")),
     Internal("vllm.v1.metrics.prometheus", "get_prometheus_registry", "adds our metrics to vLLM's /metrics"),
-    Internal("vllm.engine.protocol", "EngineClient.generate", "overrides it: admission, pinning, promotion"),
+    Internal("vllm.engine.protocol", "EngineClient",
+             "serves its interface: LadderEngineClient delegates every name it does not override to the AsyncLLM "
+             "(__getattr__), so a method vLLM adds to it reaches the engine unchanged"),
+    Internal("vllm.engine.protocol", "EngineClient.generate", "overrides it: admission, pinning, promotion",
+             ("prompt", "sampling_params", "request_id")),
     Internal("vllm.engine.protocol", "EngineClient.check_admission", "overrides it: 503 while draining"),
     Internal("vllm.engine.protocol", "EngineClient.check_health", "overrides it: /health is 503 while draining"),
     Internal("vllm.engine.protocol", "EngineClient.shutdown", "overrides it: SIGTERM lets running requests finish"),

@@ -7,12 +7,15 @@ delegated to the wrapped ``AsyncLLM``.
 
 - **Admission** (``rope_ext.selection.admit``) runs when ``generate`` is called, before any
   response has started, so a refusal (unknown set, a pinned set too small) is an HTTP 400, never
-  an in-band stream error.
-- A request that fits its start set runs as vLLM's own request, observed; one that may be
-  promoted runs choice by choice, segment by segment (``server.promotion``), its next set prefilled
-  beside the decode before the window (``server.side_prefill``).
-- **Lifecycle**: SIGTERM drains (``shutdown``), and an engine that dies is reported
-  (``death_reason``) so that `longrope serve` exits non-zero.
+  an in-band stream error. What it admits (a ChoiceRun per choice) or refuses goes in the HTTP
+  request's record (``server.request_records``), for the middleware.
+- Each choice is owned by its runner (``server.choices``). A request that fits its start set runs as
+  vLLM's own request, its outputs observed; one that may be promoted runs choice by choice, segment
+  by segment (``server.promotion``), its next set prefilled beside the decode before the window
+  (``server.side_prefill``).
+- **Lifecycle**: SIGTERM drains every admitted request (``shutdown``); an abort by request id reaches
+  every engine request a choice runs (``abort``); an engine that dies is reported (``death_reason``)
+  so that `longrope serve` exits non-zero.
 """
 
 from __future__ import annotations

@@ -17,6 +17,6 @@ fi
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi
-.venv/bin/python -m pytest
-exec .venv/bin/python -m pytest -m engine --vllm-runner V2 --deselect tests/rope_ext/vllm_plugin/test_real_model.py \
+.venv/bin/python -m pytest --durations=25
+exec .venv/bin/python -m pytest --durations=15 -m engine --vllm-runner V2 --deselect tests/rope_ext/vllm_plugin/test_real_model.py \
   --deselect tests/rope_ext/vllm_plugin/test_mixed_batch.py::test_stock_vllm_gives_short_requests_other_results

@@ -18,11 +18,13 @@ from tests.helpers import REPO
 def test_selftest_passes_on_this_machine(vllm_runner, tmp_path):
     """--compare-modes: the tiny three-set batch compiled, eager and with ngram speculation (drafts proposed);
     then --model on a Phi-4-mini shaped model (partial rotary 0.75, its config in transformers v4 layout, as the
-    real one ships) with its own longrope config as the ladder: a short and a long request."""
+    real one ships) with its own longrope config as the ladder: a short and a long request. Under V2 (its
+    kernels interpreted, slow) the Phi shapes are left to the next test, which keeps CI's V2 run in its time."""
     phi = build_tiny_phi3(tmp_path, None, "phi-4-mini-instruct", "v4")
+    model = ["--model", str(phi)] if vllm_runner == "V1" else []
     env = {k: v for k, v in os.environ.items() if k != "LONGROPE_FACTORS"}
     result = subprocess.run(
-        [Path(sys.executable).with_name("longrope"), "selftest", "--compare-modes", "--model", str(phi),
+        [Path(sys.executable).with_name("longrope"), "selftest", "--compare-modes", *model,
          "--workdir", str(tmp_path / "work")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )
@@ -36,7 +38,7 @@ def test_selftest_passes_on_this_machine(vllm_runner, tmp_path):
             assert table[("tiny", mode, set_name)] == "yes"
     drafted = re.search(r"^tiny ngram short: (\d+) of (\d+) draft tokens accepted", result.stdout, re.M)
     assert drafted and int(drafted.group(2)) > 0, result.stdout
-    for mode in ("compiled", "eager"):  # the Phi model's own pair: a 32-token request and one of W0 + 32 tokens
+    for mode in ("compiled", "eager") if model else ():  # the Phi model's pair: 32 tokens, and W0 + 32
         assert table[(phi.name[:16], mode, "short")] == table[(phi.name[:16], mode, "long")] == "yes"
     assert "selftest passed" in result.stdout
 

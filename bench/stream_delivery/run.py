@@ -3,8 +3,11 @@
 `longrope serve` with the tiny model runs one request at a time (--max-num-seqs 1) while four clients, each
 its own process, stream 300-token completions. Per stream: the chunks, the tokens in each (more than one
 means vLLM merged outputs the API process had not taken yet), and the gaps between arrivals. Meanwhile the
-CPU share of each of the server's processes (engine core, worker, API) is sampled. Then the same with the
-engine core in the API process (VLLM_ENABLE_V1_MULTIPROCESSING=0), where no process spins on a queue.
+CPU share of each of the server's processes (engine core, worker, API) is sampled. On CPU vLLM runs the
+worker in its own process even at TP 1 (`CpuPlatform.check_and_update_config` turns the "uni" executor into
+"mp"), and the engine core spins on the shared-memory queue to it. Then the same with the worker inside the
+engine core process (VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the "uni" executor, vLLM's arrangement at TP 1 on
+GPU), where no process spins on that queue.
 
     .venv/bin/python -m bench.stream_delivery.run   # writes bench/stream_delivery/results.json
 """
@@ -89,8 +92,8 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "setup": f"tiny model, --max-num-seqs 1, {STREAMS} client processes streaming {TOKENS} tokens each",
-        "engine core in its own process (vLLM's default)": measure(model_dir, factors, {}, work / "mp.log"),
-        "engine core in the API process": measure(model_dir, factors, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        "worker in its own process (vLLM's default on CPU)": measure(model_dir, factors, {}, work / "mp.log"),
+        "worker in the engine core process (as on GPU at TP 1)": measure(model_dir, factors, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
                                                   work / "inproc.log"),
     }
     (HERE / "results.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -93,8 +93,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "setup": f"tiny model, --max-num-seqs 1, {STREAMS} client processes streaming {TOKENS} tokens each",
         "worker in its own process (vLLM's default on CPU)": measure(model_dir, factors, {}, work / "mp.log"),
-        "worker in the engine core process (as on GPU at TP 1)": measure(model_dir, factors, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-                                                  work / "inproc.log"),
+        "worker in the engine core process (as on GPU at TP 1)": measure(
+            model_dir, factors, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, work / "inproc.log"),
     }
     (HERE / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -74,6 +74,35 @@ class Segment:
         return self.params.max_tokens < self.left
 
 
+class Stitched(NamedTuple):
+    """One engine output as the choice sees it."""
+
+    output: RequestOutput | None  # what to pass on to the caller, if anything
+    promote: bool  # the segment ended at its window with tokens left: the choice goes on in the next set
+    stop_string: str | None  # a stop string ended the choice here (the engine request is still running)
+    finish_reason: str | None  # the choice's own finish reason (None while it goes on)
+
+
+class FinalTotal:
+    """For a caller that wants only the final output: the choice's whole output so far, across segments."""
+
+    def __init__(self) -> None:
+        self.total: CompletionOutput | None = None
+        self.cumulative_before = 0.0  # the finished segments' cumulative logprobs
+        self.first: RequestOutput | None = None  # its prompt logprobs are the request's
+
+    def add(self, output: RequestOutput, delta: CompletionOutput, segment_ended: bool) -> None:
+        """Extend the total by ``delta`` and make ``output`` carry the total."""
+        self.first = self.first or output
+        running = delta.cumulative_logprob  # vLLM's total so far for this segment (deltas or one final)
+        self.total = delta if self.total is None else _extended(self.total, delta)
+        if running is not None:
+            self.total.cumulative_logprob = self.cumulative_before + running
+            if segment_ended:
+                self.cumulative_before += running
+        output.outputs, output.prompt_logprobs = [self.total], self.first.prompt_logprobs
+
+
 class PromotingChoice:
     """One choice of a promotable request: :meth:`outputs` runs its segments and stitches their outputs.
 
@@ -88,18 +117,12 @@ class PromotingChoice:
         self.prompt, self.tokens, self.params = prompt, tokens, params
         self.request_id, self.runner, self.choice = request_id, runner, choice
         self.set_index = start
-        self.final_only = params.output_kind is RequestOutputKind.FINAL_ONLY
+        self.final = FinalTotal() if params.output_kind is RequestOutputKind.FINAL_ONLY else None
         self.stops = WholeChoiceStops(engine.tokenizer, request_id, tokens, params) if params.stop else None
         self.warmer = Warmer(side, request_id) if side is not None and side.enabled else None
         self.generated: list[int] = []
         self.segments = 0
         self.segment_id = request_id  # the engine request running now
-        self.total: CompletionOutput | None = None  # what a final-only caller gets at the end
-        self.cumulative_before = 0.0  # the finished segments' cumulative logprobs, for a final-only caller
-        self.first: RequestOutput | None = None  # its prompt logprobs are the request's
-        self.stop_hit: str | None = None
-        self.promote = False
-        self.last: CompletionOutput | None = None
 
     @property
     def engine_request_ids(self) -> list[str]:
@@ -110,20 +133,20 @@ class PromotingChoice:
         try:
             while True:
                 segment = self.plan_segment()
-                self.promote = False
                 self.segment_id = segment.request_id
                 self.runner.segment_started(len(segment.prompt["prompt_token_ids"]))
+                last: Stitched | None = None
                 async with aclosing(self.engine.generate(segment.prompt, segment.params, segment.request_id,
                                                          **self.kwargs)) as outputs:
                     async for output in outputs:
-                        stitched = self.stitch(output, segment)
-                        if stitched is not None:
-                            yield stitched
-                        if self.stop_hit is not None:
+                        last = self.stitch(output, segment)
+                        if last.output is not None:
+                            yield last.output
+                        if last.stop_string is not None:
                             break  # leaving the block closes the engine request (aborts it)
                         self.warm_next_set(segment)
-                if not self.promote:
-                    self.runner.finish("stop" if self.stop_hit else self.last and self.last.finish_reason)
+                if last is None or not last.promote:
+                    self.runner.finish(last and last.finish_reason)
                     return
                 side_prefills = 0
                 if self.warmer is not None:
@@ -172,41 +195,35 @@ class PromotingChoice:
         return Segment(self.set_index, self.sequence_prompt(), params, f"{self.request_id}-s{self.segments}", left,
                        len(self.generated))
 
-    def stitch(self, output: RequestOutput, segment: Segment) -> RequestOutput | None:
-        """One engine output as part of the choice's own sequence; None when there is nothing to pass on.
+    def stitch(self, output: RequestOutput, segment: Segment) -> Stitched:
+        """One engine output as part of the choice's own sequence.
 
-        Sets ``stop_hit`` when a stop string ends the choice, ``promote`` when the segment ended at
-        its window with tokens left (its finish is then hidden: the choice goes on).
+        A segment that ends at its window with tokens left is promoted: its finish is hidden (the
+        choice goes on). A stop string found over the whole choice ends it with finish_reason 'stop'.
         """
-        delta = self.last = output.outputs[0]
-        self.first = self.first or output
+        delta = output.outputs[0]
         ended = delta.finish_reason is not None
-        self.promote = ended and delta.finish_reason == "length" and segment.capped
+        promote = ended and delta.finish_reason == "length" and segment.capped
+        stop_string = None
         if self.stops is not None:
-            delta.text, kept, self.stop_hit = self.stops.feed(list(delta.token_ids), delta.finish_reason == "stop",
-                                                              ended and not self.promote)
-            if self.stop_hit is not None:
+            delta.text, kept, stop_string = self.stops.feed(list(delta.token_ids), delta.finish_reason == "stop",
+                                                            ended and not promote)
+            if stop_string is not None:
                 delta.token_ids = kept
-                delta.finish_reason, delta.stop_reason, self.promote = "stop", self.stop_hit, False
+                delta.finish_reason, delta.stop_reason, promote = "stop", stop_string, False
         self.generated.extend(delta.token_ids)
         self.runner.observe(delta, output)
         delta.index = self.choice
         segment_ended = delta.finish_reason is not None
-        if self.promote:
+        if promote:
             delta.finish_reason = delta.stop_reason = None
+        finish_reason = delta.finish_reason
         output.request_id, output.prompt_token_ids = self.request_id, self.tokens
-        output.finished = delta.finish_reason is not None
-        if self.final_only:
-            running = delta.cumulative_logprob  # vLLM's total so far for this segment (deltas or one final)
-            self.total = delta if self.total is None else _extended(self.total, delta)
-            if running is not None:
-                self.total.cumulative_logprob = self.cumulative_before + running
-                if segment_ended:
-                    self.cumulative_before += running
-            output.outputs, output.prompt_logprobs = [self.total], self.first.prompt_logprobs
-        if output.finished or not self.final_only and (delta.text or delta.token_ids):
-            return output
-        return None
+        output.finished = finish_reason is not None
+        if self.final is not None:
+            self.final.add(output, delta, segment_ended)
+        passed_on = output.finished or self.final is None and bool(delta.text or delta.token_ids)
+        return Stitched(output if passed_on else None, promote, stop_string, finish_reason)
 
     def promote_choice(self, side_prefills: int) -> None:
         """Move to the next set that holds the sequence so far; the next segment prefills it there."""

@@ -4,9 +4,12 @@ Without max_tokens vLLM fills it with what the window leaves, so in `longrope se
 --max-model-len: the ladder's longest window) every such chat may outgrow its start set: it is promotable
 and runs through the choice runner and segments (server/promotion.py), not passed through. Stock `vllm
 serve` (plugin off, --max-model-len 8192) serves the same chats on the same weights; SmolLM2's plain RoPE
-is the short set, so both generate the same tokens. Each chat asks for a text of a few hundred tokens and
-ends at EOS. Servers in ABBA order (vllm, ours, ours, vllm), each a fresh process; a 2-chat warm-up; then
-the loads at concurrency 1 and 8. Throughput is completion tokens over the load's wall time; TTFT is the
+is the short set, so both generate the same tokens. Each chat asks for a text of a few hundred tokens,
+sampled (temperature 0.7, top_p 0.9, chat i seeded i: greedy SmolLM2 loops until the window on most of
+these subjects), and ends at EOS; a chat still going after CLIENT_BUDGET tokens is dropped by the client,
+as a user would stop reading (the stream closes and the server aborts it). Servers in ABBA order (vllm,
+ours, ours, vllm), each a fresh process; a 2-chat warm-up; then the loads at concurrency 1 and 8.
+Throughput is completion tokens over the load's wall time; TTFT is the
 time to the first chunk with text, as the client sees it.
 
     .venv/bin/python -m bench.serve_overhead.default_path   # writes bench/serve_overhead/results-default-path.json
@@ -34,20 +37,21 @@ HERE = Path(__file__).resolve().parent
 NAME = "smollm2"
 COMMON = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--no-enable-prefix-caching"]
 ORDER = ["vllm", "ours", "ours", "vllm"]
-LOADS = [{"concurrency": 1, "chats": 8}, {"concurrency": 8, "chats": 48}]
+LOADS = [{"concurrency": 1, "chats": 6}, {"concurrency": 8, "chats": 24}]
+CLIENT_BUDGET = 600  # tokens: a client stops reading a chat that runs on (closing the stream aborts it)
 SUBJECTS = ["a lighthouse keeper", "the history of paper", "how bridges carry weight", "a fox and a crow",
             "why the sky is blue", "a journey across a desert", "how bread is made", "the life of a honeybee",
             "an old clockmaker", "how a river shapes a valley", "a city at night", "the first winter of a colony"]
 
 
-def chats(count: int) -> list[list[dict]]:
-    return [[{"role": "user", "content": f"Write a detailed text of about three hundred words about "
-              f"{SUBJECTS[i % len(SUBJECTS)]}."}] for i in range(count)]
+def chats(count: int) -> list[dict]:
+    return [{"model": NAME, "messages": [{"role": "user", "content": "Write a detailed text of about three hundred "
+                                          f"words about {SUBJECTS[i % len(SUBJECTS)]}."}],
+             "temperature": 0.7, "top_p": 0.9, "seed": i, "stream": True,
+             "stream_options": {"include_usage": True, "continuous_usage_stats": True}} for i in range(count)]
 
 
-async def one_chat(client: httpx.AsyncClient, messages: list[dict]) -> dict:
-    body = {"model": NAME, "messages": messages, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def one_chat(client: httpx.AsyncClient, body: dict) -> dict:
     start = time.perf_counter()
     first: float | None = None
     tokens = 0
@@ -61,22 +65,25 @@ async def one_chat(client: httpx.AsyncClient, messages: list[dict]) -> dict:
                 first = time.perf_counter() - start
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"ttft_s": first, "tokens": tokens}
+            if tokens >= CLIENT_BUDGET:
+                break
+    return {"ttft_s": first, "tokens": tokens, "dropped": tokens >= CLIENT_BUDGET}
 
 
 async def load(base: str, concurrency: int, count: int) -> dict:
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=f"{base}", timeout=1800) as client:
-        async def bounded(messages: list[dict]) -> dict:
+        async def bounded(body: dict) -> dict:
             async with limit:
-                return await one_chat(client, messages)
+                return await one_chat(client, body)
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(bounded(m) for m in chats(count)))
+        results = await asyncio.gather(*(bounded(body) for body in chats(count)))
         wall = time.perf_counter() - start
     return {"output_throughput": sum(r["tokens"] for r in results) / wall,
             "median_ttft_ms": 1000 * statistics.median(r["ttft_s"] for r in results),
-            "mean_completion_tokens": statistics.mean(r["tokens"] for r in results), "wall_s": wall}
+            "mean_completion_tokens": statistics.mean(r["tokens"] for r in results),
+            "dropped_at_budget": sum(r["dropped"] for r in results), "wall_s": wall}
 
 
 def main() -> None:
@@ -115,7 +122,8 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "engine_flags": {"common": COMMON, "vllm": ["--max-model-len", "8192"], "ours": "the ladder's longest window"},
-        "load": {"client": "httpx, streamed chats without max_tokens, temperature 0", "loads": LOADS},
+        "load": {"client": "httpx, streamed chats without max_tokens, temperature 0.7, top_p 0.9, seed i",
+                 "client_budget_tokens": CLIENT_BUDGET, "loads": LOADS},
         "order": ORDER,
         "runs": runs,
         "ratio_ours_over_vllm": ratios,

@@ -5,7 +5,7 @@ Without max_tokens vLLM fills it with what the window leaves, so in `longrope se
 and runs through the choice runner and segments (server/promotion.py), not passed through. Stock `vllm
 serve` (plugin off, --max-model-len 8192) serves the same chats on the same weights; SmolLM2's plain RoPE
 is the short set, so both generate the same tokens. Each chat asks for a text of a few hundred tokens,
-sampled (temperature 0.7, top_p 0.9, chat i seeded i: greedy SmolLM2 loops until the window on most of
+sampled (temperature 0.7, top_p 0.9, chat i seeded i: greedy SmolLM2 runs on, looping, on most of
 these subjects), and ends at EOS; a chat still going after CLIENT_BUDGET tokens is dropped by the client,
 as a user would stop reading (the stream closes and the server aborts it). Servers in ABBA order (vllm,
 ours, ours, vllm), each a fresh process; a 2-chat warm-up; then the loads at concurrency 1 and 8.

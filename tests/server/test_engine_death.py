@@ -92,7 +92,7 @@ def kill_mid_stream(server, process_name: str) -> None:
     victim.send_signal(signal.SIGKILL)
     killed = time.monotonic()
 
-    # /health from the kill until the process is gone. vLLM notices the death within milliseconds; a worker's
+    # /health from the kill until the process is gone. A worker's
     # death can take the whole server down before the first probe, so an empty list is an answer too.
     health: list[tuple[float, int]] = []
     while server.proc.poll() is None and time.monotonic() - killed < 30:
@@ -124,8 +124,12 @@ def kill_mid_stream(server, process_name: str) -> None:
             assert set(error) == {"message", "type", "param", "code"} and isinstance(error["code"], str)
         assert all(line.startswith("data: ") for line in stream.lines)
     assert cut >= 1, "streams were queued in the engine at the kill, yet every stream completed"
-    late_ok = [(sent, status) for sent, status in health if status != 503 and sent > 0.5]
-    assert not late_ok, f"/health answered other than 503 after the engine died: {health}"
+    # Healthy until vLLM notices the death (within milliseconds when the machine is idle; seconds were seen on a
+    # loaded one), then 503 and nothing else.
+    statuses = [status for _, status in health]
+    noticed = statuses.index(503) if 503 in statuses else len(statuses)
+    assert set(statuses[:noticed]) <= {200} and set(statuses[noticed:]) <= {503}, \
+        f"/health answered other than 200 then 503 after the engine died: {health}"
     assert any(status == 503 for _, status in health) or exited_after < 2, \
         f"/health never answered 503 in the {exited_after:.1f} s before the server exited: {health}"
     assert code == 1, f"exit status {code} after the engine died"

@@ -92,8 +92,8 @@ def kill_mid_stream(server, process_name: str) -> None:
     victim.send_signal(signal.SIGKILL)
     killed = time.monotonic()
 
-    # /health from the kill until the process is gone. A worker's
-    # death can take the whole server down before the first probe, so an empty list is an answer too.
+    # /health from the kill until the process is gone. A worker's death can take the whole server down before
+    # the first probe, so an empty list is an answer too.
     health: list[tuple[float, int]] = []
     while server.proc.poll() is None and time.monotonic() - killed < 30:
         sent = time.monotonic() - killed

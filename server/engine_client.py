@@ -61,8 +61,8 @@ class LadderEngineClient:
         self.ladder = ladder
         self.policy = Policy(policy)
         self.metrics = metrics
-        self.side = SidePrefills(engine, side_prefill_max_lead, engine.vllm_config.cache_config.enable_prefix_caching,
-                                 metrics)
+        cache = engine.vllm_config.cache_config
+        self.side = SidePrefills(engine, side_prefill_max_lead, cache.enable_prefix_caching, cache.block_size, metrics)
         self.start_by_lead = start_by_lead
         self.records = RequestRecords()  # what the middleware reports of each HTTP request
         self.running = 0  # requests admitted and not yet ended (each counted once, whatever its choices)

@@ -107,7 +107,8 @@ class FakeEngine:
     def __post_init__(self):
         self.engine_core = SimpleNamespace(resources=SimpleNamespace(
             engine_manager=SimpleNamespace(finished_procs=lambda: self.exits)))
-        self.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=self.prefix_caching))
+        self.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=self.prefix_caching,
+                                                                         block_size=BLOCK))
 
     def generate(self, prompt, params: SamplingParams, request_id: str, **kwargs):
         call = Call(request_id, (params.extra_args or {}).get(ROPE_SET_KEY), list(prompt["prompt_token_ids"]),
@@ -383,40 +384,61 @@ def metric(ladder_client: LadderEngineClient, name: str, **labels) -> float:
     return ladder_client.metrics.registry.get_sample_value(name, {"model": "m", **labels}) or 0.0
 
 
-def test_a_side_prefill_puts_the_next_set_in_the_cache_before_the_window():
-    """4 tokens before the short window, one side request (one token, the mid set) prefills the sequence so far;
-    the continuation then finds all its whole blocks cached. The output is what it was without it."""
-    ladder_client, engine = client(side_lead=4)
-    prompt = [3] * (SHORT - 10)
-    outputs, runs = admitted(ladder_client, prompt, params(30))
-    assert [(c.request_id, c.set_name, len(c.prompt), c.params.max_tokens) for c in engine.calls] == [
-        ("r", "short", SHORT - 10, 10), ("r-prefill1", "mid", SHORT - 4, 1), ("r-s1", "mid", SHORT, 20)]
-    assert engine.calls[1].params.output_kind is RequestOutputKind.FINAL_ONLY
-    assert tokens_of(outputs) == uninterrupted(prompt, 30)
+def block_by_block(ladder_client: LadderEngineClient) -> None:
+    """Rates at which an increment is one block whatever the fake's decode steps measure (a token a second)."""
+    ladder_client.side.rates.prefill_tokens_per_s = 1.0
+
+
+def side_requests(engine: FakeEngine) -> list[Call]:
+    return [c for c in engine.calls if "-prefill" in c.request_id]
+
+
+def test_side_prefills_fill_the_next_sets_cache_one_increment_at_a_time():
+    """Before the short window, one-token side requests in the mid set prefill the sequence block by block: each
+    is a prefix of the sequence in whole blocks, finds the previous one's blocks cached and computes one block; the
+    continuation finds the last one's blocks. The output is what it was without them."""
+    ladder_client, engine = client(side_lead=4096)
+    block_by_block(ladder_client)
+    prompt = [3] * (SHORT - 100)
+    outputs, runs = admitted(ladder_client, prompt, params(150))
+    side = side_requests(engine)
+    assert len(side) >= (SHORT - 2 * BLOCK) // BLOCK, [len(c.prompt) for c in side]
+    assert all(c.set_name == "mid" and c.params.max_tokens == 1 for c in side)
+    assert all(c.params.output_kind is RequestOutputKind.FINAL_ONLY for c in side)
+    assert [len(c.prompt) for c in side] == [BLOCK * (i + 1) for i in range(len(side))]
+    assert [c.cached for c in side] == [BLOCK * i for i in range(len(side))]
+    sequence = prompt + tokens_of(outputs)
+    assert all(c.prompt == sequence[:len(c.prompt)] for c in side)
     (promotion,) = runs[0].promotions
-    assert promotion.side_prefills == 1 and promotion.cached_tokens == (SHORT - 4) // BLOCK * BLOCK
-    assert promotion.stall_s is not None and promotion.stall_s >= 0
+    continuation = engine.calls[-1]
+    assert continuation.request_id == "r-s1" and continuation.cached == len(side[-1].prompt) == promotion.cached_tokens
+    assert promotion.side_prefills == len(side) and tokens_of(outputs) == uninterrupted(prompt, 150)
     assert len(runs) == 1 and metric(ladder_client, "longrope_requests_finished_total", rope_set="mid",
-                                     outcome="length") == 1  # the side request is no request of ours
-    assert metric(ladder_client, "longrope_side_prefills_total", rope_set="mid") == 1
+                                     outcome="length") == 1  # the side requests are no requests of ours
+    assert metric(ladder_client, "longrope_side_prefills_total", rope_set="mid") == len(side)
     assert metric(ladder_client, "longrope_promotion_cached_tokens_total", from_set="short",
                   to_set="mid") == promotion.cached_tokens
     assert metric(ladder_client, "longrope_promotion_stall_seconds_count", from_set="short", to_set="mid") == 1
 
 
-def test_side_prefills_follow_the_tail_until_the_window():
-    """A lead of 40 tokens: the first side prefill leaves a tail of generated tokens, the next ones cover it,
-    each once a block's worth has grown; the continuation finds the last one's blocks."""
-    ladder_client, engine = client(side_lead=40)
-    prompt = [5] * (SHORT - 60)
-    outputs, runs = admitted(ladder_client, prompt, params(100))
-    side = [c for c in engine.calls if "-prefill" in c.request_id]
-    assert len(side) >= 2 and len(side[0].prompt) == SHORT - 40
-    assert all(later.prompt[:len(earlier.prompt)] == earlier.prompt for earlier, later in zip(side, side[1:]))
-    assert all(len(later.prompt) - len(earlier.prompt) >= BLOCK for earlier, later in zip(side, side[1:]))
-    assert side[-1].cached >= len(side[-2].prompt) // BLOCK * BLOCK  # each prefills only its tail
-    assert runs[0].promotions[0].cached_tokens == len(side[-1].prompt) // BLOCK * BLOCK
-    assert tokens_of(outputs) == uninterrupted(prompt, 100)
+def test_one_increment_is_in_the_engine_at_a_time():
+    """Two choices warming toward their switches take turns: no side request starts while another runs."""
+    ladder_client, engine = client(side_lead=4096)
+    block_by_block(ladder_client)
+    running: list[int] = []  # at each side request's start, how many others are running
+    generate = engine.generate
+
+    def counting(prompt, sampling, request_id, **kwargs):
+        if "-prefill" in request_id:
+            running.append(sum(c.ended == "running" for c in side_requests(engine)))
+        return generate(prompt, sampling, request_id, **kwargs)
+
+    engine.generate = counting
+    outputs, runs = admitted(ladder_client, [3] * (SHORT - 100), params(150, n=2, seed=1))
+    side = side_requests(engine)
+    assert {c.request_id.split("-prefill")[0] for c in side} == {"r-0", "r-1"}
+    assert running and max(running) == 0 and [p.side_prefills for r in runs for p in r.promotions] == [
+        sum(c.request_id.startswith("r-0-") for c in side), sum(c.request_id.startswith("r-1-") for c in side)]
 
 
 @pytest.mark.parametrize("side_lead,prefix_caching", [(0, True), (40, False)])
@@ -439,18 +461,23 @@ def test_too_little_room_to_hide_the_prefill_starts_in_the_next_set():
     assert engine.calls[0].set_name == "short"
 
 
-def test_the_lead_follows_the_measured_rates_and_its_cap():
-    """Decode steps a prefill takes, with a margin: 8192 tokens at 280 tokens/s beside 0.1 s steps is ~440
-    steps; capped by the flag; none without side prefills. A tail cheaper than a step is left to the switch."""
-    from server.side_prefill import MARGIN, SidePrefills
+def test_increments_and_the_lead_follow_the_measured_rates():
+    """An increment is the prefill of PREFILL_SHARE decode steps in whole blocks (one at least); the lead is the
+    stream's tokens that the increments over a prefill take, times the requests taking turns, with a margin;
+    capped by the flag; none without side prefills."""
+    from server.side_prefill import MARGIN, PREFILL_SHARE, TOKENS_PER_INCREMENT, SidePrefills
 
-    side = SidePrefills(None, 4096, True, None)
-    side.rates.prefill_tokens_per_s, side.rates.decode_s_per_token = 280.0, 0.1
-    assert side.lead(8192) == math.ceil(MARGIN * 8192 / 280 / 0.1)
-    assert side.lead(8192, decode_s_per_token=0.2) == math.ceil(MARGIN * 8192 / 280 / 0.2)
-    assert SidePrefills(None, 100, True, None).lead(8192) == 100
-    assert SidePrefills(None, 0, True, None).lead(8192) == SidePrefills(None, 4096, False, None).lead(8192) == 0
-    assert side.worth_it(100) and not side.worth_it(20)  # 100 tokens take 0.36 s, 20 take 0.07 s < 0.1 s
+    side = SidePrefills(None, 4096, True, 128, None)
+    side.rates.prefill_tokens_per_s, side.rates.decode_s_per_token = 10000.0, 0.1
+    assert side.increment() == int(PREFILL_SHARE * 1000) // 128 * 128 == 896
+    assert side.increment(decode_s_per_token=0.01) == 128  # 100 tokens: still a whole block
+    assert side.lead(8192) == math.ceil(MARGIN * math.ceil(8192 / 896) * TOKENS_PER_INCREMENT)
+    assert side.lead(8192, turns=3) == math.ceil(MARGIN * math.ceil(8192 / 896) * TOKENS_PER_INCREMENT * 3)
+    side.rates.prefill_tokens_per_s = 280.0  # a block takes longer than a step: one block per increment
+    assert side.lead(8192) == math.ceil(MARGIN * 64 * TOKENS_PER_INCREMENT)
+    assert SidePrefills(None, 100, True, 128, None).lead(8192) == 100
+    assert SidePrefills(None, 0, True, 128, None).lead(8192) == SidePrefills(None, 4096, False, 128, None).lead(
+        8192) == 0
     side.rates.prefilled(1000, 1.0)  # a measured prefill moves the estimate half way
     assert side.rates.prefill_tokens_per_s == (280.0 + 1000.0) / 2
 

@@ -1,18 +1,22 @@
-"""Promotion without a stall: streams that cross a window, with side prefills off and on, in one run.
+"""Promotion with no gap the user can see: streams that cross a window, side prefills off and on, in one run.
 
 Two servers per model, one after the other: `--side-prefill-max-lead 0 --rope-start-rule window` (the
-switch prefills everything, as before) and the defaults (side prefills; a request with too little room
-to hide the next set's prefill starts in that set). Each streamed completion asks for one logprob per
-token, so the client knows when each token arrived; the gap before the first token after a switch is
-that switch's stall, set against the same request's median inter-token latency (`stall_over_median_itl`).
+switch prefills everything, as before) and the defaults (side prefills in increments; a request with too
+little room to hide the next set's prefill starts in that set). Each streamed completion asks for one
+logprob per token, so the client knows which chunk carried which token. The measure is the user's: the
+longest gap between consecutive chunks of a stream, before, at and after the switch, over the stream's
+median gap (`longest_over_median`), with the switch's own gap beside it (`switch_over_median`).
 
 - tiny: the tests' random-weight Llama (sets 256 / 512 / 1024), 16 streams at concurrency 8, each from
   a 200-token prompt for 400 tokens (crossing 256 and 512); throughput is their completion tokens over
   the wall time.
-- smollm2: SmolLM2 with its shipped ladder, one stream at a time: a ~6000-token passage of a book
-  crossing 8192, and one 60 tokens below it (8132), `--enforce-eager`.
+- smollm2: SmolLM2 with its shipped ladder, `--enforce-eager`: a stream from a passage of a book of 4000,
+  6000 and 7000 tokens (`--prompts`) crossing 8192 by 100 tokens, alone and beside 4 short chats (streamed
+  chat completions of 128 tokens, one after another, until the long stream ends); and one 60 tokens below
+  8192 (8132), which starts in the 16k set when side prefills are on.
 
-    .venv/bin/python -m bench.promotion.run     # writes bench/promotion/results.json (~20 min on 2 cores)
+    .venv/bin/python -m bench.promotion.run     # writes bench/promotion/results.json (~2 h on 2 cores)
+    .venv/bin/python -m bench.promotion.run --only smollm2 --prompts 6000 7000   # a part, merged into it
 """
 
 from __future__ import annotations
@@ -39,13 +43,31 @@ HERE = Path(__file__).resolve().parent
 SIDE = {"off": ["--side-prefill-max-lead", "0", "--rope-start-rule", "window"], "on": []}
 BURST_S = 1e-4  # a median gap below this: the stream arrived in bursts (no ratio)
 COUNTERS = ("longrope_promotion_cached_tokens_total", "longrope_side_prefills_total", "vllm:prefix_cache_hits_total")
+PAST_WINDOW = 100  # tokens a SmolLM2 stream generates after crossing 8192
+CHATS, CHAT_TOKENS = 4, 128
+CHAT_TOPICS = ["the tides", "bread baking", "a lighthouse keeper", "river otters", "paper maps", "winter gardens",
+               "old clocks", "mountain trains"]
+
+
+def chunk_gaps(chunks: list[tuple[float, int]]) -> dict:
+    """A stream's longest gap between consecutive chunks (and after which of its tokens), its median gap and
+    their ratio (None for a stream that arrived in bursts: no gap to compare with)."""
+    times = [t for t, _ in chunks]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    if not gaps:
+        return {"chunks": len(chunks), "longest_gap_s": None, "median_gap_s": None, "longest_over_median": None}
+    longest = max(range(len(gaps)), key=gaps.__getitem__)
+    median = statistics.median(gaps)
+    return {"chunks": len(chunks), "longest_gap_s": round(gaps[longest], 4),
+            "longest_after_token": sum(n for _, n in chunks[:longest + 1]), "median_gap_s": round(median, 4),
+            "longest_over_median": round(gaps[longest] / median, 2) if median >= BURST_S else None}
 
 
 async def stream(client: httpx.AsyncClient, base: str, model: str, prompt: list[int], max_tokens: int) -> dict:
-    """One greedy streamed completion: each token's arrival time and the promotions it went through."""
+    """One greedy streamed completion: each chunk's arrival time and tokens, and the promotions it went through."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "logprobs": 0, "stream": True}
-    arrivals: list[float] = []
+    chunks: list[tuple[float, int]] = []
     promotions, start_set = [], None
     async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -55,26 +77,42 @@ async def stream(client: httpx.AsyncClient, base: str, model: str, prompt: list[
                 continue
             now = time.perf_counter()
             for choice in json.loads(line[6:])["choices"]:
-                arrivals += [now] * len((choice.get("logprobs") or {}).get("tokens") or [])
+                tokens = len((choice.get("logprobs") or {}).get("tokens") or [])
+                if tokens:
+                    chunks.append((now, tokens))
                 if choice.get("finish_reason"):
                     promotions = choice.get("rope_promotions") or []
-    return {"prompt_tokens": len(prompt), "arrivals": arrivals, "promotions": promotions, "start_set": start_set}
+    return {"prompt_tokens": len(prompt), "chunks": chunks, "promotions": promotions, "start_set": start_set}
 
 
-def switches(result: dict) -> list[dict]:
-    """Each switch's stall (gap before its first token) over the request's median inter-token latency."""
-    arrivals = result["arrivals"]
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    median = statistics.median(gaps)
-    rows = []
+async def chat(client: httpx.AsyncClient, base: str, model: str, topic: str) -> dict:
+    """One short streamed chat: its chunks' arrival times."""
+    body = {"model": model, "messages": [{"role": "user", "content": f"Tell me about {topic}."}],
+            "max_tokens": CHAT_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
+    chunks: list[tuple[float, int]] = []
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and any((c.get("delta") or {}).get("content")
+                                                  for c in json.loads(line[6:])["choices"]):
+                chunks.append((time.perf_counter(), 1))
+    return chunk_gaps(chunks)
+
+
+def stream_report(result: dict) -> dict:
+    """A stream's gaps, and each switch's gap (before its first token) over the stream's median."""
+    chunks = result["chunks"]
+    gaps = chunk_gaps(chunks)
+    arrivals = [t for t, n in chunks for _ in range(n)]
+    switches = []
     for p in result["promotions"]:
         first_after = p["at_tokens"] - result["prompt_tokens"]  # index of the first token generated after it
-        stall = arrivals[first_after] - arrivals[first_after - 1]
-        # A stream whose chunks reached the client in bursts has no inter-token latency to compare with.
-        ratio = round(stall / median, 2) if median >= BURST_S else None
-        rows.append({"from": p["from"], "to": p["to"], "at_tokens": p["at_tokens"], "stall_s": round(stall, 4),
-                     "median_itl_s": round(median, 4), "stall_over_median_itl": ratio})
-    return rows
+        gap = arrivals[first_after] - arrivals[first_after - 1]
+        median = gaps["median_gap_s"]
+        switches.append({"from": p["from"], "to": p["to"], "at_tokens": p["at_tokens"], "switch_gap_s": round(gap, 4),
+                         "switch_over_median": round(gap / median, 2) if median and median >= BURST_S else None})
+    return {"prompt_tokens": result["prompt_tokens"], "start_set": result["start_set"], "tokens": len(arrivals),
+            **gaps, "switches": switches}
 
 
 def counters(base: str) -> dict[str, float]:
@@ -83,46 +121,78 @@ def counters(base: str) -> dict[str, float]:
             for name in COUNTERS}
 
 
-async def run_streams(base: str, model: str, plans: list[tuple[list[int], int]], concurrency: int) -> list[dict]:
+async def run_streams(base: str, model: str, plans: list[tuple[list[int], int]], concurrency: int,
+                      chats: int = 0) -> tuple[list[dict], list[dict]]:
+    """``plans`` at ``concurrency``, and beside them ``chats`` short chats each, one after another, until they end."""
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(1800)) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600)) as client:
         async def guarded(prompt: list[int], max_tokens: int) -> dict:
             async with gate:
                 return await stream(client, base, model, prompt, max_tokens)
 
-        return await asyncio.gather(*(guarded(p, m) for p, m in plans))
+        async def chatting(lane: int, done: asyncio.Event) -> list[dict]:
+            reports = []
+            while not done.is_set():
+                reports.append(await chat(client, base, model, CHAT_TOPICS[(lane + len(reports)) % len(CHAT_TOPICS)]))
+            return reports
+
+        done = asyncio.Event()
+        lanes = [asyncio.create_task(chatting(lane, done)) for lane in range(chats)]
+        try:
+            streams = await asyncio.gather(*(guarded(p, m) for p, m in plans))
+        finally:
+            done.set()
+        return streams, [report for lane in await asyncio.gather(*lanes) for report in lane]
 
 
-def phase(label: str, serve_args: list[str], env: dict[str, str], model: str, plans: list[tuple[list[int], int]],
-          concurrency: int, workdir: Path, warmup: list[tuple[list[int], int]]) -> dict:
-    """Start a server, warm it up, run ``plans``; per side setting, every switch and the totals."""
+def measured(base: str, model: str, plans: list[tuple[list[int], int]], concurrency: int, chats: int = 0) -> dict:
+    """One workload on a warm server: every stream's gaps, the chats', the throughput and the counters."""
+    before = counters(base)
+    started = time.perf_counter()
+    streams, chat_reports = asyncio.run(run_streams(base, model, plans, concurrency, chats))
+    seconds = time.perf_counter() - started
+    after = counters(base)
+    reports = [stream_report(r) for r in streams]
+    tokens = sum(r["tokens"] for r in reports)
+    out = {"streams": reports, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 2),
+           **{name: after[name] - before[name] for name in COUNTERS}}
+    if chats:
+        ratios = [c["longest_over_median"] for c in chat_reports if c["longest_over_median"] is not None]
+        out["chats"] = {"count": len(chat_reports), "max_longest_over_median": max(ratios, default=None),
+                        "median_longest_over_median": statistics.median(ratios) if ratios else None,
+                        "bursty": len(chat_reports) - len(ratios)}
+    return out
+
+
+def summary(cases: dict[str, dict]) -> dict:
+    """Worst and median of the streams' longest-gap and switch-gap ratios, per side setting."""
     out = {}
+    for side in SIDE:
+        streams = [st for case in cases.values() for st in case[side]["streams"] if st["switches"]]
+        longest = [st["longest_over_median"] for st in streams if st["longest_over_median"] is not None]
+        switch = [s["switch_over_median"] for st in streams for s in st["switches"]
+                  if s["switch_over_median"] is not None]
+        out[side] = {"max_longest_over_median": max(longest, default=None),
+                     "median_longest_over_median": statistics.median(longest) if longest else None,
+                     "max_switch_over_median": max(switch, default=None),
+                     "promoted_streams": len(streams), "bursty_streams": len(streams) - len(longest)}
+    throughput = {side: sum(case[side]["tokens_per_s"] for case in cases.values()) for side in SIDE}
+    out["throughput_on_over_off"] = round(throughput["on"] / throughput["off"], 3)
+    return out
+
+
+def phase(label: str, serve_args: list[str], env: dict[str, str], model: str,
+          cases: dict[str, tuple[list[tuple[list[int], int]], int, int]], workdir: Path,
+          warmup: list[tuple[list[int], int]]) -> dict:
+    """Per side setting, one server: warm it up, then each case (plans, concurrency, chats beside them)."""
+    out: dict[str, dict] = {name: {} for name in cases}
     for side, flags in SIDE.items():
-        print(f"[{time.strftime('%H:%M:%S')}] {label}: side prefill {side}", flush=True)
         with longrope_serve([*serve_args, *flags], workdir / f"{label}-{side}.log", env, start_timeout=900) as server:
             asyncio.run(run_streams(server.base, model, warmup, 1))
-            before = counters(server.base)
-            started = time.perf_counter()
-            results = asyncio.run(run_streams(server.base, model, plans, concurrency))
-            seconds = time.perf_counter() - started
-            after = counters(server.base)
-        tokens = sum(len(r["arrivals"]) for r in results)
-        out[side] = {
-            "streams": [{"prompt_tokens": r["prompt_tokens"], "start_set": r["start_set"],
-                         "tokens": len(r["arrivals"]), "switches": switches(r)} for r in results],
-            "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 2),
-            **{name: after[name] - before[name] for name in COUNTERS},
-        }
-    every = {side: [s["stall_over_median_itl"] for st in out[side]["streams"] for s in st["switches"]
-                    if s["stall_over_median_itl"] is not None] for side in SIDE}
-    out["summary"] = {
-        "max_stall_over_median_itl": {side: max(v, default=None) for side, v in every.items()},
-        "median_stall_over_median_itl": {side: statistics.median(v) if v else None for side, v in every.items()},
-        "switches_in_bursty_streams": {side: sum(s["stall_over_median_itl"] is None for st in out[side]["streams"]
-                                                 for s in st["switches"]) for side in SIDE},
-        "throughput_on_over_off": round(out["on"]["tokens_per_s"] / out["off"]["tokens_per_s"], 3),
-    }
-    return out
+            for name, (plans, concurrency, chats) in cases.items():
+                print(f"[{time.strftime('%H:%M:%S')}] {label}: side prefills {side}: {name}", flush=True)
+                out[name][side] = measured(server.base, model, plans, concurrency, chats)
+    return {"cases": out, "summary": summary(out)}
 
 
 def book_passages(tokenizer, counts: list[int]) -> list[list[int]]:
@@ -137,6 +207,8 @@ def book_passages(tokenizer, counts: list[int]) -> list[list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["tiny", "smollm2"], help="one model's phases (default: both)")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[4000, 6000, 7000],
+                        help="SmolLM2 prompt lengths whose streams cross 8192")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
 
@@ -159,14 +231,19 @@ def main() -> None:
         report["tiny"] = phase(
             "tiny", ["--model", str(model), "--factors", str(factors), "--served-model-name", "tiny", "--dtype",
                      "float32", "--enforce-eager", "--seed", "0", "--max-model-len", str(TINY_MAX_LEN)],
-            {"VLLM_CPU_KVCACHE_SPACE": "1"}, "tiny", plans, 8, workdir, warmup)
+            {"VLLM_CPU_KVCACHE_SPACE": "1"}, "tiny", {"16 streams at concurrency 8": (plans, 8, 0)}, workdir, warmup)
     if args.only in (None, "smollm2"):
-        far, near, warm = book_passages(AutoTokenizer.from_pretrained(smollm2), [6000, 8132, 1000])
-        plans = [(far, 8192 - 6000 + 40), (near, 100)]
-        warmup = [(warm, 4)]
+        counts = [n for n in args.prompts for _ in range(2)]
+        *passages, near, warm = book_passages(AutoTokenizer.from_pretrained(smollm2), [*counts, 8132, 1000])
+        cases = {}
+        for i, n in enumerate(args.prompts):
+            cases[f"{n}-token prompt alone"] = ([(passages[2 * i], 8192 - n + PAST_WINDOW)], 1, 0)
+            cases[f"{n}-token prompt beside {CHATS} chats"] = ([(passages[2 * i + 1], 8192 - n + PAST_WINDOW)], 1,
+                                                               CHATS)
+        cases["8132-token prompt alone"] = ([(near, 100)], 1, 0)
         report["smollm2"] = phase("smollm2", ["--model", str(smollm2), "--served-model-name", "smollm2",
                                               "--enforce-eager", "--seed", "0"],
-                                  {"VLLM_CPU_KVCACHE_SPACE": "4"}, "smollm2", plans, 1, workdir, warmup)
+                                  {"VLLM_CPU_KVCACHE_SPACE": "4"}, "smollm2", cases, workdir, [(warm, 4)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v.get("summary") for k, v in report.items() if isinstance(v, dict) and "summary" in v},

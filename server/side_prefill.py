@@ -73,8 +73,8 @@ class Rates:
         """A request's first output: how fast the engine prefilled the part of its prompt that was not
         cached, from the engine core's own timestamps (scheduled to first token). The steps it ran in carried the
         running requests' decode too, and that time is counted in: the estimate errs low, so increments sized
-        from it err small, down to a block (taking the decode step out of a short increment's time left noise
-        that grew the next increment: one carried ~1700 tokens, a 14 s gap, in bench/promotion)."""
+        from it err small, down to a block (taking the decode step out of a short increment's time leaves noise
+        that grows the next increment: bench/README.md, "Promotion")."""
         stats = output.metrics
         tokens = prompt_tokens - (output.num_cached_tokens or 0)
         if stats is None or not stats.first_token_ts or not stats.scheduled_ts or tokens < SMALLEST_PREFILL_SAMPLE:

@@ -98,11 +98,16 @@ class SidePrefills:
         self.metrics = metrics
         self.rates = Rates()
         self.warming: set[Warmer] = set()  # the warmers within max_lead of their switch: they take turns
-        self.running: Warmer | None = None  # whose increment is in the engine now
 
     @property
     def enabled(self) -> bool:
         return self.max_lead > 0
+
+    @property
+    def busy(self) -> bool:
+        """An increment is in the engine: the others wait for it. Every warmer with a side request in flight
+        is in ``warming`` (it joins before it starts one and leaves once its task is collected)."""
+        return any(warmer.request_ids for warmer in self.warming)
 
     def increment(self, decode_s_per_token: float | None = None) -> int:
         """Tokens one side request may prefill: what the engine prefills in PREFILL_SHARE decode steps, in whole
@@ -177,7 +182,7 @@ class Warmer:
             return
         block = side.block_size
         end = min(self.covered + side.increment(decode_s_per_token), sequence) // block * block
-        if end - self.covered < block or side.running is not None:
+        if end - self.covered < block or side.busy:
             return  # nothing whole to add yet, or another request's increment is in the engine: next output
         whole = prompt()
         self.count += 1
@@ -189,9 +194,6 @@ class Warmer:
         if self.task is None:  # no room in vLLM's queue: the switch prefills it, as without side prefills
             self.count -= 1
             self.pending = self.covered
-            return
-        side.running = self
-        self.task.add_done_callback(lambda _: self._released())
 
     async def settle(self) -> None:
         """At the switch: let a side prefill in flight finish (its blocks are the continuation's head; one that
@@ -217,11 +219,6 @@ class Warmer:
             if not self.task.done():
                 self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-
-    def _released(self) -> None:
-        """Its increment left the engine: another request's may go."""
-        if self.side.running is self:
-            self.side.running = None
 
     def _collect(self) -> None:
         assert self.task is not None

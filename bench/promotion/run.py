@@ -49,18 +49,28 @@ CHAT_TOPICS = ["the tides", "bread baking", "a lighthouse keeper", "river otters
                "old clocks", "mountain trains"]
 
 
+def over_median(gap: float, median: float | None) -> float | None:
+    """``gap`` over a stream's median gap; None for a stream that arrived in bursts (no gap to compare with)."""
+    return round(gap / median, 2) if median is not None and median >= BURST_S else None
+
+
+def median_gap(chunks: list[tuple[float, int]]) -> float | None:
+    times = [t for t, _ in chunks]
+    return statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else None
+
+
 def chunk_gaps(chunks: list[tuple[float, int]]) -> dict:
     """A stream's longest gap between consecutive chunks (and after which of its tokens), its median gap and
-    their ratio (None for a stream that arrived in bursts: no gap to compare with)."""
+    their ratio."""
     times = [t for t, _ in chunks]
     gaps = [b - a for a, b in zip(times, times[1:])]
     if not gaps:
         return {"chunks": len(chunks), "longest_gap_s": None, "median_gap_s": None, "longest_over_median": None}
     longest = max(range(len(gaps)), key=gaps.__getitem__)
-    median = statistics.median(gaps)
+    median = median_gap(chunks)
     return {"chunks": len(chunks), "longest_gap_s": round(gaps[longest], 4),
             "longest_after_token": sum(n for _, n in chunks[:longest + 1]), "median_gap_s": round(median, 4),
-            "longest_over_median": round(gaps[longest] / median, 2) if median >= BURST_S else None}
+            "longest_over_median": over_median(gaps[longest], median)}
 
 
 async def stream(client: httpx.AsyncClient, base: str, model: str, prompt: list[int], max_tokens: int) -> dict:
@@ -104,13 +114,13 @@ def stream_report(result: dict) -> dict:
     chunks = result["chunks"]
     gaps = chunk_gaps(chunks)
     arrivals = [t for t, n in chunks for _ in range(n)]
+    median = median_gap(chunks)
     switches = []
     for p in result["promotions"]:
         first_after = p["at_tokens"] - result["prompt_tokens"]  # index of the first token generated after it
         gap = arrivals[first_after] - arrivals[first_after - 1]
-        median = gaps["median_gap_s"]
         switches.append({"from": p["from"], "to": p["to"], "at_tokens": p["at_tokens"], "switch_gap_s": round(gap, 4),
-                         "switch_over_median": round(gap / median, 2) if median and median >= BURST_S else None})
+                         "switch_over_median": over_median(gap, median)})
     return {"prompt_tokens": result["prompt_tokens"], "start_set": result["start_set"], "tokens": len(arrivals),
             **gaps, "switches": switches}
 

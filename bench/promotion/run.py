@@ -202,7 +202,7 @@ def phase(label: str, serve_args: list[str], env: dict[str, str], model: str,
             for name, (plans, concurrency, chats) in cases.items():
                 print(f"[{time.strftime('%H:%M:%S')}] {label}: side prefills {side}: {name}", flush=True)
                 out[name][side] = measured(server.base, model, plans, concurrency, chats)
-    return {"cases": out, "summary": summary(out)}
+    return {"date": date.today().isoformat(), "cases": out, "summary": summary(out)}
 
 
 def book_passages(tokenizer, counts: list[int]) -> list[list[int]]:

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from rope_ext.models.tiny import TINY_MAX_LEN
 from tests.helpers import assert_runner, start_server, stop_server
 
 API_KEY = "test-key-1"
-# vLLM's inter-token histogram in steps of 5 % from 0.5 ms (its default buckets are too coarse to read a ratio of
-# gaps from): tests/server/test_promotion.py reads a promoted stream's longest gap over its median there
-ITL_BUCKET_STEP = 1.05
-ITL_BUCKETS = [round(0.0005 * ITL_BUCKET_STEP ** i, 7) for i in range(260)]
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +34,7 @@ def tiny_server(tiny_model, vllm_runner, tmp_path_factory):
     server = start_server(
         ["--model", str(model_dir), "--factors", str(factors), "--served-model-name", "tiny", "--dtype", "float32",
          "--enforce-eager", "--max-model-len", str(TINY_MAX_LEN), "--seed", "0", "--shutdown-timeout", "60",
-         "--rope-start-rule", "window", "--custom-histogram-buckets", json.dumps({"inter_token_latency": ITL_BUCKETS})],
+         "--rope-start-rule", "window"],
         log, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     assert_runner(server, vllm_runner)

@@ -54,20 +54,19 @@ def over_median(gap: float, median: float | None) -> float | None:
     return round(gap / median, 2) if median is not None and median >= BURST_S else None
 
 
-def median_gap(chunks: list[tuple[float, int]]) -> float | None:
+def gaps_between(chunks: list[tuple[float, int]]) -> list[float]:
+    """Seconds between consecutive chunks' arrivals."""
     times = [t for t, _ in chunks]
-    return statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else None
+    return [b - a for a, b in zip(times, times[1:])]
 
 
-def chunk_gaps(chunks: list[tuple[float, int]]) -> dict:
+def chunk_gaps(gaps: list[float], chunks: list[tuple[float, int]]) -> dict:
     """A stream's longest gap between consecutive chunks (and after which of its tokens), its median gap and
     their ratio."""
-    times = [t for t, _ in chunks]
-    gaps = [b - a for a, b in zip(times, times[1:])]
     if not gaps:
         return {"chunks": len(chunks), "longest_gap_s": None, "median_gap_s": None, "longest_over_median": None}
     longest = max(range(len(gaps)), key=gaps.__getitem__)
-    median = median_gap(chunks)
+    median = statistics.median(gaps)
     return {"chunks": len(chunks), "longest_gap_s": round(gaps[longest], 4),
             "longest_after_token": sum(n for _, n in chunks[:longest + 1]), "median_gap_s": round(median, 4),
             "longest_over_median": over_median(gaps[longest], median)}
@@ -106,15 +105,15 @@ async def chat(client: httpx.AsyncClient, base: str, model: str, topic: str) -> 
             if line.startswith("data: {") and any((c.get("delta") or {}).get("content")
                                                   for c in json.loads(line[6:])["choices"]):
                 chunks.append((time.perf_counter(), 1))
-    return chunk_gaps(chunks)
+    return chunk_gaps(gaps_between(chunks), chunks)
 
 
 def stream_report(result: dict) -> dict:
     """A stream's gaps, and each switch's gap (before its first token) over the stream's median."""
     chunks = result["chunks"]
-    gaps = chunk_gaps(chunks)
+    between = gaps_between(chunks)
+    median = statistics.median(between) if between else None
     arrivals = [t for t, n in chunks for _ in range(n)]
-    median = median_gap(chunks)
     switches = []
     for p in result["promotions"]:
         first_after = p["at_tokens"] - result["prompt_tokens"]  # index of the first token generated after it
@@ -122,7 +121,7 @@ def stream_report(result: dict) -> dict:
         switches.append({"from": p["from"], "to": p["to"], "at_tokens": p["at_tokens"], "switch_gap_s": round(gap, 4),
                          "switch_over_median": over_median(gap, median)})
     return {"prompt_tokens": result["prompt_tokens"], "start_set": result["start_set"], "tokens": len(arrivals),
-            **gaps, "switches": switches}
+            **chunk_gaps(between, chunks), "switches": switches}
 
 
 def counters(base: str) -> dict[str, float]:

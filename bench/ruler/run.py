@@ -1,0 +1,254 @@
+"""RULER through lm-eval against the running servers: per-request sets against one set per deployment.
+
+lm-eval-harness (its `ruler` tasks, `local-completions` with `--apply_chat_template`: the SmolLM2 chat
+template rendered by lm-eval, the prompt posted to the server's `/v1/completions`) runs against, one
+after the other, on SmolLM2 with `--enforce-eager`:
+
+- `longrope`: `longrope serve` with the shipped ladder (8192 / 16384 / 32768), each request in its own set;
+- `yarn-32k`, `ntk-32k`: stock `vllm serve` (plugin off) with one static set for the whole deployment,
+  set by `--hf-overrides` as users do today: YaRN and dynamic NTK, factor 4 over the trained 8192;
+- `plain-8k`: stock `vllm serve`, plain RoPE, `--max-model-len 8192` (the 4096 and 8192 cells only).
+
+lm-eval builds the samples itself (offline, seeded by `--seed`), sized by the model's tokenizer to each
+length; every server gets the same invocation, so the same samples (the report checks their hashes).
+One lm-eval run per (server, length); samples `--first` to `--first + --count - 1` of each task, merged
+into the report by sample, so a later run adds samples to the cells. A cell's rate is the samples with
+every expected answer in the reply (lm-eval's `string_match_all` at 1.0) with a Wilson 95 % interval;
+lm-eval's own mean score is beside it.
+
+lm-eval runs from its own environment (`--lm-eval`), not the server's: it pins packages of its own.
+
+    python3 -m venv .venv-lmeval && .venv-lmeval/bin/pip install "lm-eval[api,ruler]==0.4.13" "transformers>=4.56"
+    .venv/bin/python -m bench.ruler.run --lm-eval .venv-lmeval/bin/lm_eval --count 4
+    .venv/bin/python -m bench.ruler.run --lm-eval .venv-lmeval/bin/lm_eval --first 4 --count 4   # 4 more each
+    .venv/bin/python -m bench.ruler.run --report-only        # the table and plot from results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from harness.servers import ServerProcess, longrope_serve, vllm_serve
+from rope_ext.research.passkey import wilson_interval
+
+HERE = Path(__file__).resolve().parent
+MODEL = "smollm2"
+W0 = 8192
+LENGTHS = [4096, 8192, 16384, 32768]
+TASKS = ["niah_single_1", "niah_multikey_2", "ruler_vt"]
+ENGINE = ["--served-model-name", MODEL, "--enforce-eager", "--seed", "0"]
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "4"}  # 32k tokens of SmolLM2 KV need ~1.5 GiB; vLLM's default takes most memory
+
+
+@dataclass(frozen=True)
+class Server:
+    """One deployment under test: how it starts and the longest prompt it serves."""
+
+    label: str
+    max_len: int
+    args: list[str]
+
+    def start(self, model: str, log: Path) -> ServerProcess:
+        if self.label == "longrope":
+            return longrope_serve(["--model", model, *self.args], log, ENV, start_timeout=900)
+        return vllm_serve(model, self.args, log, ENV, start_timeout=900)
+
+
+def rope_override(rope_type: str, theta: float) -> list[str]:
+    """`--hf-overrides` for one static set of factor 4 over the trained window (transformers' rope_parameters).
+
+    vLLM reads a YaRN config's `max_position_embeddings` as the scaled window (transformers' convention) and
+    multiplies other types' by the factor. Its `dynamic` NTK is static: the base is fixed for the longest
+    length, θ·(4·4 − 3)^(d/(d−2)).
+    """
+    parameters = {"rope_type": rope_type, "factor": 4.0, "rope_theta": theta}
+    overrides: dict = {"rope_parameters": parameters}
+    if rope_type == "yarn":
+        parameters["original_max_position_embeddings"] = W0
+        overrides["max_position_embeddings"] = 4 * W0
+    return ["--hf-overrides", json.dumps(overrides), "--max-model-len", str(4 * W0)]
+
+
+def servers(theta: float) -> dict[str, Server]:
+    return {
+        "longrope": Server("longrope", 4 * W0, ENGINE),
+        "yarn-32k": Server("yarn-32k", 4 * W0, [*ENGINE, *rope_override("yarn", theta)]),
+        "ntk-32k": Server("ntk-32k", 4 * W0, [*ENGINE, *rope_override("dynamic", theta)]),
+        "plain-8k": Server("plain-8k", W0, [*ENGINE, "--max-model-len", str(W0)]),
+    }
+
+
+def lm_eval_command(lm_eval: str, base: str, tokenizer: str, length: int, tasks: list[str], first: int,
+                    count: int, out: Path) -> list[str]:
+    """One lm-eval run at one length: the same argv (but the URL) for every server, so the same samples.
+
+    lm-eval's API models cut a prompt's start to fit their `max_length` (2048 unless told), which would drop
+    RULER's instructions; with room above the length they send the whole prompt, and a server that cannot
+    take it answers 400 and the run stops.
+    """
+    model_args = ",".join([f"model={MODEL}", f"base_url={base}/v1/completions", f"tokenizer={tokenizer}",
+                           "tokenizer_backend=huggingface", f"max_length={length + 1024}", "num_concurrent=1",
+                           "max_retries=1", "timeout=7200"])
+    indices = list(range(first, first + count))
+    return [lm_eval, "run", "--model", "local-completions", "--model_args", model_args,
+            "--tasks", ",".join(tasks), "--metadata", json.dumps({"max_seq_lengths": [length]}),
+            "--samples", json.dumps({task: indices for task in tasks}), "--apply_chat_template",
+            "--log_samples", "--output_path", str(out), "--seed", "0"]
+
+
+def read_samples(out: Path, length: int, tokenizer) -> dict[str, list[dict]]:
+    """Per task, lm-eval's logged samples: which sample (its hashes), the prompt's tokens as sent, its score and
+    the reply's start."""
+    found: dict[str, list[dict]] = {}
+    for path in sorted(out.rglob("samples_*.jsonl")):
+        for line in path.read_text().splitlines():
+            sample = json.loads(line)
+            prompt = sample["arguments"]["gen_args_0"]["arg_0"]
+            task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
+            found.setdefault(task, []).append({
+                "doc_id": sample["doc_id"], "doc_hash": sample["doc_hash"], "prompt_hash": sample["prompt_hash"],
+                "prompt_tokens": len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                "score": float(sample[str(length)]), "reply": sample["resps"][0][0][:160]})
+    return found
+
+
+def cell(samples: list[dict]) -> dict:
+    """A cell's pass rate (every answer found) with its Wilson interval, and lm-eval's mean score."""
+    n = len(samples)
+    passed = sum(s["score"] == 1.0 for s in samples)
+    tokens = [s["prompt_tokens"] for s in samples]
+    return {"n": n, "passed": passed, "rate": passed / n, "interval": list(wilson_interval(passed, n)),
+            "mean_score": sum(s["score"] for s in samples) / n, "prompt_tokens": [min(tokens), max(tokens)]}
+
+
+def merge(report: dict, label: str, length: int, found: dict[str, list[dict]], seconds: float) -> None:
+    """Add a run's samples to the report's cells (by sample id; a rerun of a sample replaces it)."""
+    cells = report.setdefault("cells", {}).setdefault(label, {}).setdefault(str(length), {})
+    for task, samples in found.items():
+        by_id = {s["doc_id"]: s for s in cells.get(task, {}).get("samples", [])}
+        by_id.update({s["doc_id"]: s for s in samples})
+        ordered = [by_id[k] for k in sorted(by_id)]
+        cells[task] = {**cell(ordered), "samples": ordered}
+    report.setdefault("seconds", {}).setdefault(label, {}).setdefault(str(length), []).append(round(seconds, 1))
+
+
+def same_samples(report: dict) -> list[str]:
+    """Cells whose sample hashes differ from another server's at the same (length, task, sample)."""
+    seen: dict[tuple[str, str, int], str] = {}
+    clashes = []
+    for label, lengths in report.get("cells", {}).items():
+        for length, tasks in lengths.items():
+            for task, data in tasks.items():
+                for s in data["samples"]:
+                    key = (length, task, s["doc_id"])
+                    if seen.setdefault(key, s["prompt_hash"]) != s["prompt_hash"]:
+                        clashes.append(f"{label} {length} {task} #{s['doc_id']}")
+    return clashes
+
+
+def table(report: dict) -> str:
+    """Markdown: a row per (task, length), a column per server; cells `passed/n (lo–hi)`."""
+    labels = list(report.get("cells", {}))
+    lines = ["| task | length | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for task in report.get("tasks", TASKS):
+        for length in LENGTHS:
+            row = []
+            for label in labels:
+                c = report["cells"][label].get(str(length), {}).get(task)
+                row.append("—" if c is None else
+                           f"{c['passed']}/{c['n']} ({c['interval'][0]:.2f}–{c['interval'][1]:.2f})")
+            lines.append(f"| {task} | {length} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = report.get("tasks", TASKS)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), sharey=True)
+    for ax, task in zip(axes, tasks):
+        servers_run = report.get("cells", {})
+        for k, (label, lengths) in enumerate(servers_run.items()):
+            points = sorted((int(n), c[task]) for n, c in lengths.items() if task in c)
+            if not points:
+                continue
+            nudge = 2 ** (0.06 * (k - (len(servers_run) - 1) / 2))  # side by side, so equal cells stay visible
+            xs = [n * nudge for n, _ in points]
+            rates = [c["rate"] for _, c in points]
+            low = [c["rate"] - c["interval"][0] for _, c in points]
+            high = [c["interval"][1] - c["rate"] for _, c in points]
+            ax.errorbar(xs, rates, yerr=[low, high], marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(LENGTHS[0] / 1.5, LENGTHS[-1] * 1.5)
+        ax.set_xticks(LENGTHS, [f"{n // 1024}k" for n in LENGTHS])
+        ax.axvline(W0, color="grey", lw=0.8, ls=":")
+        ax.set_title(task)
+        ax.set_xlabel("prompt length (tokens)")
+    axes[0].set_ylabel("samples fully answered (Wilson 95 %)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lm-eval", default="lm_eval", help="lm-eval's command, from its own environment")
+    parser.add_argument("--servers", default="longrope,yarn-32k,ntk-32k,plain-8k")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--first", type=int, default=0, help="the first sample of each task and length")
+    parser.add_argument("--count", type=int, default=4, help="samples per task and length in this run")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot, run nothing")
+    args = parser.parse_args()
+
+    from rope_ext.models.smollm2 import prepare_model
+
+    report = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if not args.report_only:
+        from transformers import AutoTokenizer
+
+        model = str(prepare_model())
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        theta = json.loads((Path(model) / "config.json").read_text())["rope_parameters"]["rope_theta"]
+        tasks = args.tasks.split(",")
+        lengths = [int(n) for n in args.lengths.split(",")]
+        report.update({"command": "python -m bench.ruler.run", "date": date.today().isoformat(), "tasks": tasks,
+                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"})
+        workdir = Path(tempfile.mkdtemp(prefix="ruler-"))
+        chosen = servers(theta)
+        for name in args.servers.split(","):
+            server = chosen[name]
+            report.setdefault("servers", {})[name] = server.args
+            with server.start(model, workdir / f"{name}.log") as running:
+                for length in [n for n in lengths if n <= server.max_len]:
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} at {length}", flush=True)
+                    out = workdir / name / str(length)
+                    started = time.monotonic()
+                    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+                    subprocess.run(lm_eval_command(args.lm_eval, running.base, model, length, tasks, args.first,
+                                                   args.count, out), check=True, env=env, cwd=workdir)
+                    merge(report, name, length, read_samples(out, length, tokenizer), time.monotonic() - started)
+                    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    clashes = same_samples(report)
+    if clashes:
+        raise SystemExit(f"servers were given different samples: {clashes[:5]}")
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out.with_suffix(".png"))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()

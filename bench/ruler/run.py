@@ -9,8 +9,9 @@ after the other, on SmolLM2 with `--enforce-eager`:
   set by `--hf-overrides` as users do today: YaRN and dynamic NTK, factor 4 over the trained 8192;
 - `plain-8k`: stock `vllm serve`, plain RoPE, `--max-model-len 8192` (the 4096 and 8192 cells only).
 
-lm-eval builds the samples itself (offline, seeded by `--seed`), sized by the model's tokenizer to each
-length; every server gets the same invocation, so the same samples (the report checks their hashes).
+lm-eval builds the samples itself (offline, seeded by `--seed` once for all tasks, so the task list is part of
+the recipe), sized by the model's tokenizer to each length; every server gets the same invocation, so the same
+samples: the report checks their prompt hashes across servers and against the samples it already holds.
 One lm-eval run per (server, length); samples `--first` to `--first + --count - 1` of each task, merged
 into the report by sample, so a later run adds samples to the cells. A cell's rate is the samples with
 every expected answer in the reply (lm-eval's `string_match_all` at 1.0) with a Wilson 95 % interval;
@@ -53,12 +54,12 @@ ENV = {"VLLM_CPU_KVCACHE_SPACE": "4"}  # 32k tokens of SmolLM2 KV need ~1.5 GiB;
 class Server:
     """One deployment under test: how it starts and the longest prompt it serves."""
 
-    label: str
     max_len: int
     args: list[str]
+    ours: bool = False  # `longrope serve`; otherwise stock `vllm serve`
 
     def start(self, model: str, log: Path) -> ServerProcess:
-        if self.label == "longrope":
+        if self.ours:
             return longrope_serve(["--model", model, *self.args], log, ENV, start_timeout=900)
         return vllm_serve(model, self.args, log, ENV, start_timeout=900)
 
@@ -80,10 +81,10 @@ def rope_override(rope_type: str, theta: float) -> list[str]:
 
 def servers(theta: float) -> dict[str, Server]:
     return {
-        "longrope": Server("longrope", 4 * W0, ENGINE),
-        "yarn-32k": Server("yarn-32k", 4 * W0, [*ENGINE, *rope_override("yarn", theta)]),
-        "ntk-32k": Server("ntk-32k", 4 * W0, [*ENGINE, *rope_override("dynamic", theta)]),
-        "plain-8k": Server("plain-8k", W0, [*ENGINE, "--max-model-len", str(W0)]),
+        "longrope": Server(4 * W0, ENGINE, ours=True),
+        "yarn-32k": Server(4 * W0, [*ENGINE, *rope_override("yarn", theta)]),
+        "ntk-32k": Server(4 * W0, [*ENGINE, *rope_override("dynamic", theta)]),
+        "plain-8k": Server(W0, [*ENGINE, "--max-model-len", str(W0)]),
     }
 
 
@@ -135,6 +136,9 @@ def merge(report: dict, label: str, length: int, found: dict[str, list[dict]], s
     cells = report.setdefault("cells", {}).setdefault(label, {}).setdefault(str(length), {})
     for task, samples in found.items():
         by_id = {s["doc_id"]: s for s in cells.get(task, {}).get("samples", [])}
+        changed = [s["doc_id"] for s in samples if by_id.get(s["doc_id"], s)["prompt_hash"] != s["prompt_hash"]]
+        if changed:  # lm-eval built other samples (another seed, task list or version): not one cell any more
+            raise SystemExit(f"{label} {length} {task}: samples {changed} differ from those in the report")
         by_id.update({s["doc_id"]: s for s in samples})
         ordered = [by_id[k] for k in sorted(by_id)]
         cells[task] = {**cell(ordered), "samples": ordered}

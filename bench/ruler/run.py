@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -217,6 +218,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot, run nothing")
     args = parser.parse_args()
+    if not args.report_only and shutil.which(args.lm_eval) is None:
+        parser.error(f"no lm-eval command {args.lm_eval!r}: install it in its own environment (see the docstring)"
+                     " and pass --lm-eval")
 
     from rope_ext.models.smollm2 import prepare_model
 

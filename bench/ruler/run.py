@@ -47,7 +47,8 @@ MODEL = "smollm2"
 W0 = 8192
 LENGTHS = [4096, 8192, 16384, 32768]
 TASKS = ["niah_single_1", "niah_multikey_2", "ruler_vt"]
-ENGINE = ["--served-model-name", MODEL, "--enforce-eager", "--seed", "0"]
+# One dtype for all: vLLM's CPU default casts SmolLM2's float32 to bfloat16 where `longrope serve` keeps float32.
+ENGINE = ["--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager", "--seed", "0"]
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "4"}  # 32k tokens of SmolLM2 KV need ~1.5 GiB; vLLM's default takes most memory
 
 

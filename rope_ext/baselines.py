@@ -23,8 +23,14 @@ def pi_set(model: ModelInfo, window: int) -> FactorSet:
     return FactorSet(name=f"pi-{window}", window=window, factors=[s] * (model.rotary_dim // 2), attention_scale=1.0)
 
 
+def ntk_base(model: ModelInfo, scale: float) -> float:
+    """NTK-aware base change θ' = θ · s^(d/(d-2)): the base a stock engine is given for NTK by hand."""
+    d = model.rotary_dim
+    return model.rope_theta * scale ** (d / (d - 2))
+
+
 def ntk_factors(model: ModelInfo, scale: float) -> list[float]:
-    """NTK-aware base change θ' = θ · s^(d/(d-2)), written as λ_i = s^(2i/(d-2))."""
+    """`ntk_base` written as λ_i = s^(2i/(d-2)), so that it runs as a LongRoPE set."""
     d = model.rotary_dim
     return [scale ** (2 * i / (d - 2)) for i in range(d // 2)]
 

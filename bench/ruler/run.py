@@ -43,6 +43,7 @@ from pathlib import Path
 
 from bench.ruler import essays
 from harness.servers import ServerProcess, longrope_serve, vllm_serve
+from rope_ext.baselines import ntk_base
 from rope_ext.factors import ModelInfo
 from rope_ext.hf_config import model_info
 from rope_ext.research.passkey import wilson_interval
@@ -75,33 +76,34 @@ class Server:
         return vllm_serve(model, self.args, log, ENV, start_timeout=900)
 
 
-def static_set(model: ModelInfo, method: str) -> list[str]:
-    """`--hf-overrides` for one static set built for 32768 (four times the trained window), as users set it.
+def static_set(model: ModelInfo, method: str, window: int) -> list[str]:
+    """`--hf-overrides` for one static set built for `window`, as users set it.
 
     YaRN through vLLM's `yarn` rope type; vLLM reads a YaRN config's `max_position_embeddings` as the scaled
-    window (transformers' convention). NTK as the NTK-aware base θ·s^(d/(d−2)), the set
+    window (transformers' convention). NTK as the NTK-aware base (`rope_ext.baselines.ntk_base`), the set
     `rope_ext.baselines.ntk_set` builds for the window, the same NTK as `bench/quality`'s. Not vLLM's own
     `dynamic` type: with a `factor` alone it keeps θ (its base moves only with `max_trained_positions`) and sizes
     its cos/sin table to the unscaled `max_position_embeddings`, so a position past 8192 has no row (vLLM PR
     #55910, open; a first sitting here got `-,,,,` for every reply at 16384).
     """
-    scale = 4.0
+    scale = window / model.original_window
     if method == "yarn":
         parameters = {"rope_type": "yarn", "factor": scale, "rope_theta": model.rope_theta,
                       "original_max_position_embeddings": model.original_window}
     else:
-        d = model.rotary_dim
-        parameters = {"rope_type": "default", "rope_theta": model.rope_theta * scale ** (d / (d - 2))}
-    overrides = {"rope_parameters": parameters, "max_position_embeddings": int(scale * model.original_window)}
-    return ["--hf-overrides", json.dumps(overrides), "--max-model-len", str(int(scale * model.original_window))]
+        parameters = {"rope_type": "default", "rope_theta": ntk_base(model, scale)}
+    overrides = {"rope_parameters": parameters, "max_position_embeddings": window}
+    return ["--hf-overrides", json.dumps(overrides), "--max-model-len", str(window)]
 
 
 def servers(model: ModelInfo) -> dict[str, Server]:
+    """The four deployments; the static sets and `longrope serve`'s ladder all reach four times the trained window."""
+    w0 = model.original_window
     return {
-        "longrope": Server(4 * W0, ENGINE, ours=True),
-        "yarn-32k": Server(4 * W0, [*ENGINE, *static_set(model, "yarn")]),
-        "ntk-32k": Server(4 * W0, [*ENGINE, *static_set(model, "ntk")]),
-        "plain-8k": Server(W0, [*ENGINE, "--max-model-len", str(W0)]),
+        "longrope": Server(4 * w0, ENGINE, ours=True),
+        "yarn-32k": Server(4 * w0, [*ENGINE, *static_set(model, "yarn", 4 * w0)]),
+        "ntk-32k": Server(4 * w0, [*ENGINE, *static_set(model, "ntk", 4 * w0)]),
+        "plain-8k": Server(w0, [*ENGINE, "--max-model-len", str(w0)]),
     }
 
 

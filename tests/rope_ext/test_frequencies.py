@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from rope_ext.baselines import METHODS, baseline_ladder, ntk_factors, plain_set, yarn_factors
+from rope_ext.baselines import METHODS, baseline_ladder, ntk_base, ntk_factors, plain_set, yarn_factors
 from rope_ext.factors import FactorSet, ModelInfo
 from rope_ext.frequencies import inv_freq, ladder_cos_sin_cache, rotary_tables
 
@@ -61,6 +61,13 @@ def test_dynamic_ntk_at_a_fixed_length_matches_ntk(seq_len):
     effective_scale = factor * seq_len / W0 - (factor - 1)  # transformers' dynamic rule at this length
     ours = inv_freq(ntk_factors(MODEL, effective_scale), THETA, HEAD_DIM)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("scale", [2.0, 4.0])
+def test_ntk_base_is_the_ntk_set(scale):
+    """A stock engine given `ntk_base` as its θ rotates as our NTK set does."""
+    ref = inv_freq([1.0] * (HEAD_DIM // 2), ntk_base(MODEL, scale), HEAD_DIM)
+    torch.testing.assert_close(inv_freq(ntk_factors(MODEL, scale), THETA, HEAD_DIM), ref, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("scale", [2.0, 4.0])

@@ -19,10 +19,12 @@ from rope_ext.factors import Ladder
 from rope_ext.research.hf_model import RotatedModel
 
 # Float32 vLLM against float32 transformers, one tolerance per engine device, for every set.
-# cpu: measured here, largest difference 5e-5 nats (a 600-token prompt in the long set).
+# cpu: the largest difference measured moves with the CPU's vector width: 5e-5 nats for the tiny Llama's
+# 600-token long-set prompt; the Phi-4-mini shape's prompt just past its first window reached 2.1e-4 compiled
+# and 1.9e-4 eager on an AMD EPYC host (float32 sums taken in another order), so 5e-4: 2.4× that.
 # cuda: vLLM's float32 attention there is a Triton kernel whose dot products run in TF32
-# (10-bit mantissa, ~5e-4 relative); not measured here (no GPU): ten times the CPU value.
-TOLERANCES = {"cpu": 2e-4, "cuda": 2e-3}
+# (10-bit mantissa, ~5e-4 relative); not measured here (no GPU): four times the CPU value.
+TOLERANCES = {"cpu": 5e-4, "cuda": 2e-3}
 # Steps compared before the first near-tie, at least, as a share of the request's tokens.
 MIN_COMPARED_SHARE = 0.5
 

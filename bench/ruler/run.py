@@ -99,10 +99,11 @@ def static_set(model: ModelInfo, method: str, window: int) -> list[str]:
 def servers(model: ModelInfo) -> dict[str, Server]:
     """The four deployments; the static sets and `longrope serve`'s ladder all reach four times the trained window."""
     w0 = model.original_window
+    window = 4 * w0
     return {
-        "longrope": Server(4 * w0, ENGINE, ours=True),
-        "yarn-32k": Server(4 * w0, [*ENGINE, *static_set(model, "yarn", 4 * w0)]),
-        "ntk-32k": Server(4 * w0, [*ENGINE, *static_set(model, "ntk", 4 * w0)]),
+        "longrope": Server(window, ENGINE, ours=True),
+        "yarn-32k": Server(window, [*ENGINE, *static_set(model, "yarn", window)]),
+        "ntk-32k": Server(window, [*ENGINE, *static_set(model, "ntk", window)]),
         "plain-8k": Server(w0, [*ENGINE, "--max-model-len", str(w0)]),
     }
 

@@ -19,7 +19,7 @@ from rope_ext.factors import Ladder
 from rope_ext.research.hf_model import RotatedModel
 
 # Float32 vLLM against float32 transformers, one tolerance per engine device, for every set.
-# cpu: the largest difference measured moves with the CPU's vector width: 5e-5 nats for the tiny Llama's
+# cpu: the largest difference measured moves with the host CPU: 5e-5 nats for the tiny Llama's
 # 600-token long-set prompt; the Phi-4-mini shape's prompt just past its first window reached 2.1e-4 compiled
 # and 1.9e-4 eager on an AMD EPYC host (float32 sums taken in another order), so 5e-4: 2.4× that.
 # cuda: vLLM's float32 attention there is a Triton kernel whose dot products run in TF32
